@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(asymlora_cli::run(std::env::args_os()));
+}

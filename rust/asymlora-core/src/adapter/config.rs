@@ -1,0 +1,114 @@
+//! The JSON config stored in an adapter's `__metadata__`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::Dtype;
+use crate::orthogonal::OrthogonalSpec;
+
+pub const FORMAT_NAME: &str = "asymlora";
+pub const FORMAT_VERSION: &str = "1";
+pub const META_FORMAT: &str = "format";
+pub const META_VERSION: &str = "format_version";
+pub const META_CONFIG: &str = "asymlora_config";
+
+/// How the low-rank update is scaled: `s = alpha / r` (LoRA) or `alpha / sqrt(r)` (rsLoRA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Scaling {
+    #[default]
+    #[serde(rename = "alpha/r")]
+    AlphaOverR,
+    #[serde(rename = "alpha/sqrt(r)")]
+    AlphaOverSqrtR,
+}
+
+impl Scaling {
+    pub fn scale(self, alpha: f64, rank: usize) -> f64 {
+        match self {
+            Scaling::AlphaOverR => alpha / rank as f64,
+            Scaling::AlphaOverSqrtR => alpha / (rank as f64).sqrt(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scaling::AlphaOverR => "alpha/r",
+            Scaling::AlphaOverSqrtR => "alpha/sqrt(r)",
+        }
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
+}
+
+/// One adapted linear map `W (d_out x d_in) + s B A`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModuleConfig {
+    pub d_in: usize,
+    pub d_out: usize,
+    /// Stream id of this module's `A` under the adapter seed; independent of the name.
+    pub stream: u64,
+    /// `true` when `{module}.lora_A` is in the file (trained or imported `A`).
+    pub a_stored: bool,
+    /// Per-module rank, overriding the adapter's `rank`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// Per-module alpha, overriding the adapter's `alpha`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+}
+
+/// The adapter-wide config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    #[serde(default)]
+    pub scaling: Scaling,
+    pub seed: u64,
+    /// Name of the generator of non-stored `A`s (e.g. `haar-v1`).
+    pub generator: String,
+    /// Dtype `A` is generated in (and stored in, when stored).
+    pub a_dtype: Dtype,
+    /// Factor applied to every generated `A` before rounding.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub a_gain: f64,
+    pub modules: BTreeMap<String, ModuleConfig>,
+    /// Tensors trained in full (e.g. a classifier head), stored under their own names.
+    #[serde(default)]
+    pub full_tensors: Vec<String>,
+    /// Optional description of the base model the adapter was trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<serde_json::Value>,
+}
+
+impl AdapterConfig {
+    pub fn module_rank(&self, module: &ModuleConfig) -> usize {
+        module.rank.unwrap_or(self.rank)
+    }
+
+    pub fn module_alpha(&self, module: &ModuleConfig) -> f64 {
+        module.alpha.unwrap_or(self.alpha)
+    }
+
+    /// The factor `s` in `W + s B A` for `module`.
+    pub fn module_scale(&self, module: &ModuleConfig) -> f64 {
+        self.scaling.scale(self.module_alpha(module), self.module_rank(module))
+    }
+
+    /// What determines the regenerated `A` of `module`.
+    pub fn a_spec(&self, module: &ModuleConfig) -> OrthogonalSpec {
+        OrthogonalSpec::new(self.module_rank(module), module.d_in, self.seed, module.stream)
+            .with_gain(self.a_gain)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("config serialises: no non-string map keys")
+    }
+}

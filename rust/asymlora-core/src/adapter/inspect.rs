@@ -1,0 +1,85 @@
+//! The human-readable summary behind `asymlora inspect`.
+
+use std::fmt::Write;
+
+use super::file::AdapterFile;
+use super::lora_b_name;
+
+/// Bytes in a human unit, e.g. `12.3 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Renders modules, shapes, rank, seed, generator and the file size next to the
+/// size the same adapter would take with every `A` stored (classic LoRA).
+pub fn render_inspect(file: &AdapterFile) -> String {
+    let c = file.config();
+    let mut out = String::new();
+    let stored = c.modules.values().filter(|m| m.a_stored).count();
+    let _ = writeln!(out, "adapter     {}", file.path().display());
+    let _ = writeln!(out, "format      asymlora v1 (seed-plus-B)");
+    let _ = writeln!(
+        out,
+        "generator   {}  seed {}  A dtype {}{}",
+        c.generator,
+        c.seed,
+        c.a_dtype,
+        if c.a_gain != 1.0 { format!("  gain {}", c.a_gain) } else { String::new() }
+    );
+    let _ = writeln!(out, "rank        {}  alpha {}  scaling {}", c.rank, c.alpha, c.scaling.name());
+    let _ = writeln!(
+        out,
+        "modules     {} ({} with stored A, {} regenerated from the seed)",
+        c.modules.len(),
+        stored,
+        c.modules.len() - stored
+    );
+    if !c.full_tensors.is_empty() {
+        let _ = writeln!(out, "full        {}", c.full_tensors.join(", "));
+    }
+    let width = c.modules.keys().map(String::len).max().unwrap_or(6).max(6);
+    let _ = writeln!(out);
+    let _ = writeln!(out, "{:<width$}  {:>13}  {:>4}  {:>6}  {:<6}  B dtype", "module", "d_out x d_in", "rank", "stream", "A");
+    let mut a_bytes_if_stored = 0u64;
+    for (name, m) in &c.modules {
+        let r = c.module_rank(m);
+        let b_dtype = file
+            .tensor(&lora_b_name(name))
+            .map(|(info, _)| format!("{:?}", info.dtype))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{name:<width$}  {:>13}  {r:>4}  {:>6}  {:<6}  {b_dtype}",
+            format!("{} x {}", m.d_out, m.d_in),
+            m.stream,
+            if m.a_stored { "stored" } else { "seeded" }
+        );
+        if !m.a_stored {
+            a_bytes_if_stored += (r * m.d_in * c.a_dtype.size_bytes()) as u64;
+        }
+    }
+    let size = file.file_size();
+    let classic = size + a_bytes_if_stored;
+    let _ = writeln!(out);
+    let _ = writeln!(out, "file size   {} ({} bytes)", human_bytes(size), size);
+    let _ = writeln!(
+        out,
+        "as LoRA     {} ({} bytes, every A stored in {}): this file is {:.3}x of it",
+        human_bytes(classic),
+        classic,
+        c.a_dtype,
+        size as f64 / classic as f64
+    );
+    out
+}

@@ -1,0 +1,203 @@
+//! Checks shared by reading and writing: the metadata header and the config
+//! against the tensors actually present. Every error names the module and field.
+
+use std::collections::{BTreeMap, HashMap};
+
+use safetensors::Dtype as StDtype;
+
+use super::config::{AdapterConfig, FORMAT_NAME, FORMAT_VERSION, META_CONFIG, META_FORMAT, META_VERSION};
+use super::{lora_a_name, lora_b_name};
+use crate::error::{Error, Result};
+use crate::orthogonal::Generator;
+
+/// Dtype and shape of one tensor, wherever it lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+}
+
+const FACTOR_DTYPES: [StDtype; 4] = [StDtype::F16, StDtype::BF16, StDtype::F32, StDtype::F64];
+
+/// Builds format errors for one file.
+pub(crate) struct Reporter<'a> {
+    pub path: &'a str,
+}
+
+impl Reporter<'_> {
+    pub fn err(&self, location: impl Into<String>, message: impl Into<String>) -> Error {
+        Error::AdapterFormat {
+            path: self.path.to_string(),
+            location: location.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads and checks `format`, `format_version` and the JSON config from `__metadata__`.
+pub(crate) fn config_from_metadata(
+    rep: &Reporter<'_>,
+    metadata: Option<&HashMap<String, String>>,
+) -> Result<AdapterConfig> {
+    let meta = metadata.ok_or_else(|| {
+        rep.err(
+            "__metadata__",
+            "missing: not an asymlora adapter (a PEFT adapter or a plain checkpoint has no asymlora metadata)",
+        )
+    })?;
+    match meta.get(META_FORMAT).map(String::as_str) {
+        Some(FORMAT_NAME) => {}
+        Some(other) => {
+            return Err(rep.err(
+                "__metadata__.format",
+                format!("is {other:?}, expected {FORMAT_NAME:?}: not an asymlora adapter"),
+            ))
+        }
+        None => return Err(rep.err("__metadata__.format", "missing: not an asymlora adapter")),
+    }
+    match meta.get(META_VERSION).map(String::as_str) {
+        Some(FORMAT_VERSION) => {}
+        Some(other) => {
+            return Err(rep.err(
+                "__metadata__.format_version",
+                format!(
+                    "{other:?} is not supported by this asymlora (it reads version {FORMAT_VERSION}); upgrade asymlora"
+                ),
+            ))
+        }
+        None => return Err(rep.err("__metadata__.format_version", "missing")),
+    }
+    let json = meta
+        .get(META_CONFIG)
+        .ok_or_else(|| rep.err(format!("__metadata__.{META_CONFIG}"), "missing"))?;
+    serde_json::from_str(json).map_err(|e| rep.err(format!("__metadata__.{META_CONFIG}"), format!("invalid config JSON: {e}")))
+}
+
+/// Checks the config on its own, then against `tensors`.
+pub(crate) fn validate(rep: &Reporter<'_>, config: &AdapterConfig, tensors: &BTreeMap<String, TensorInfo>) -> Result<()> {
+    validate_config(rep, config)?;
+    validate_tensors(rep, config, tensors)
+}
+
+fn validate_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
+    config
+        .generator
+        .parse::<Generator>()
+        .map_err(|e| rep.err("config.generator", inner_message(e)))?;
+    if config.rank == 0 {
+        return Err(rep.err("config.rank", "must be at least 1"));
+    }
+    if !config.alpha.is_finite() {
+        return Err(rep.err("config.alpha", format!("must be finite, got {}", config.alpha)));
+    }
+    if !config.a_gain.is_finite() {
+        return Err(rep.err("config.a_gain", format!("must be finite, got {}", config.a_gain)));
+    }
+    if config.modules.is_empty() {
+        return Err(rep.err("config.modules", "is empty: an adapter adapts at least one module"));
+    }
+    let mut streams: HashMap<u64, &str> = HashMap::new();
+    for (name, m) in &config.modules {
+        let at = |field: &str| format!("module {name:?}: {field}");
+        if name.is_empty() {
+            return Err(rep.err("config.modules", "a module name is empty"));
+        }
+        if m.d_in == 0 || m.d_out == 0 {
+            return Err(rep.err(at("d_in/d_out"), format!("must be positive, got {} x {}", m.d_out, m.d_in)));
+        }
+        let r = config.module_rank(m);
+        if r == 0 {
+            return Err(rep.err(at("rank"), "must be at least 1"));
+        }
+        if m.alpha.is_some_and(|a| !a.is_finite()) {
+            return Err(rep.err(at("alpha"), "must be finite"));
+        }
+        if !m.a_stored {
+            if r > m.d_in {
+                return Err(rep.err(
+                    at("rank"),
+                    format!("rank {r} exceeds d_in {}: a generated A needs r <= d_in", m.d_in),
+                ));
+            }
+            if let Some(other) = streams.insert(m.stream, name) {
+                return Err(rep.err(
+                    at("stream"),
+                    format!("stream {} is also used by module {other:?}; generated A's need distinct streams", m.stream),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_tensors(rep: &Reporter<'_>, config: &AdapterConfig, tensors: &BTreeMap<String, TensorInfo>) -> Result<()> {
+    let mut described: HashMap<String, &str> = HashMap::new();
+    for (name, m) in &config.modules {
+        let r = config.module_rank(m);
+        let b = lora_b_name(name);
+        expect_factor(rep, name, "lora_B", tensors.get(&b), [m.d_out, r])?;
+        described.insert(b, name);
+        let a = lora_a_name(name);
+        match (m.a_stored, tensors.get(&a)) {
+            (true, info) => {
+                expect_factor(rep, name, "lora_A", info, [r, m.d_in])?;
+            }
+            (false, Some(_)) => {
+                return Err(rep.err(
+                    format!("module {name:?}: a_stored"),
+                    format!("is false but the file holds tensor {a:?}; set a_stored = true or drop the tensor"),
+                ))
+            }
+            (false, None) => {}
+        }
+        described.insert(a, name);
+    }
+    for full in &config.full_tensors {
+        if let Some(module) = described.get(full) {
+            return Err(rep.err(
+                "config.full_tensors",
+                format!("{full:?} is also a factor of module {module:?}"),
+            ));
+        }
+        if !tensors.contains_key(full) {
+            return Err(rep.err("config.full_tensors", format!("lists {full:?}, which the file does not hold")));
+        }
+        described.insert(full.clone(), "");
+    }
+    if let Some(stray) = tensors.keys().find(|t| !described.contains_key(*t)) {
+        return Err(rep.err(
+            format!("tensor {stray:?}"),
+            "is not described by the config (neither a module factor nor in full_tensors)",
+        ));
+    }
+    Ok(())
+}
+
+fn expect_factor(
+    rep: &Reporter<'_>,
+    module: &str,
+    factor: &str,
+    info: Option<&TensorInfo>,
+    shape: [usize; 2],
+) -> Result<()> {
+    let at = format!("module {module:?}: {factor}");
+    let info = info.ok_or_else(|| rep.err(&at, format!("tensor {module}.{factor} is missing")))?;
+    if !FACTOR_DTYPES.contains(&info.dtype) {
+        return Err(rep.err(&at, format!("dtype {:?} is not a floating-point type (F16, BF16, F32, F64)", info.dtype)));
+    }
+    if info.shape != shape {
+        return Err(rep.err(
+            &at,
+            format!("shape {:?} does not match the config: expected {:?} (from d_in, d_out and rank)", info.shape, shape),
+        ));
+    }
+    Ok(())
+}
+
+/// The message of an `InvalidArgument`, without the argument prefix.
+fn inner_message(e: Error) -> String {
+    match e {
+        Error::InvalidArgument { message, .. } => message,
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,18 @@
+//! asymlora core: everything that does not need Python.
+//!
+//! * [`prng`] — the counter-based Gaussian source behind generator `haar-v1`.
+//! * [`householder`] — deterministic thin QR with the Haar sign fix.
+//! * [`orthogonal`] — seeded random-orthogonal `A` factors (single and batched).
+//! * [`dtype`] — the output dtypes and their one-time rounding from `f64`.
+//! * [`adapter`] — the seed-plus-B adapter file format v1 (read, validate, write, inspect).
+
+pub mod adapter;
+pub mod dtype;
+pub mod error;
+pub mod householder;
+pub mod orthogonal;
+pub mod prng;
+
+pub use dtype::{Dtype, Matrix};
+pub use error::{Error, Result};
+pub use orthogonal::{random_orthogonal, random_orthogonal_many, Generator, OrthogonalSpec};
