@@ -1,1 +1,27 @@
-use pyo3::prelude::*; #[pymodule] fn _native(_m: &Bound<'_, PyModule>) -> PyResult<()> { Ok(()) }
+//! `asymlora._native`: a thin binding over `asymlora-core` and `asymlora-cli`.
+//! Argument conversion and error mapping only; all logic lives in the core.
+
+mod adapter;
+mod errors;
+mod orthogonal;
+
+use pyo3::prelude::*;
+
+/// Runs the `asymlora` command line with `argv` (program name first); returns the
+/// exit code. `python_commands` is appended to `--help`.
+#[pyfunction]
+#[pyo3(signature = (argv, python_commands = ""))]
+fn cli_main(py: Python<'_>, argv: Vec<String>, python_commands: &str) -> i32 {
+    py.detach(|| asymlora_cli::run_with_help(argv, python_commands))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    orthogonal::register(m)?;
+    adapter::register(m)?;
+    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add("GENERATORS", asymlora_core::Generator::ALL.map(|g| g.name()).to_vec())?;
+    m.add("FORMAT_VERSION", asymlora_core::adapter::FORMAT_VERSION)?;
+    Ok(())
+}

@@ -1,0 +1,53 @@
+"""Type stubs for the compiled module ``asymlora._native`` (private; use ``asymlora``)."""
+
+from os import PathLike
+
+import numpy as np
+import numpy.typing as npt
+
+GENERATORS: list[str]
+FORMAT_VERSION: str
+
+class AdapterFormatError(ValueError):
+    """An adapter file or config is malformed; the message names the module and field."""
+
+_RawTensor = tuple[str, list[int], bytearray]
+
+def random_orthogonal(
+    r: int,
+    d_in: int,
+    seed: int,
+    stream: int = 0,
+    dtype: str = "float32",
+    gain: float = 1.0,
+    threads: int | None = None,
+) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]: ...
+def random_orthogonal_many(
+    shapes: list[tuple[int, int]],
+    seed: int,
+    streams: list[int],
+    dtype: str = "float32",
+    gain: float = 1.0,
+    threads: int | None = None,
+) -> list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]]: ...
+def gaussian_matrix(r: int, d_in: int, seed: int, stream: int = 0) -> npt.NDArray[np.float64]: ...
+
+class AdapterFile:
+    def __init__(self, path: str | PathLike[str]) -> None: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def config_json(self) -> str: ...
+    @property
+    def file_size(self) -> int: ...
+    def tensor_names(self) -> list[str]: ...
+    def tensor(self, name: str) -> _RawTensor: ...
+    def lora_a(self, module: str) -> _RawTensor: ...
+    def inspect(self) -> str: ...
+
+def write_adapter(
+    path: str | PathLike[str],
+    config_json: str,
+    tensors: list[tuple[str, str, list[int], bytes]],
+) -> None: ...
+def cli_main(argv: list[str], python_commands: str = "") -> int: ...

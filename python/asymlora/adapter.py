@@ -1,0 +1,187 @@
+"""Adapter files, format v1 (seed-plus-B); spec in ``docs/adapter-format-v1.md``.
+
+Reading is memory-mapped and lazy: a tensor is copied out of the file only when
+asked for. Validation (in the Rust core) happens on open and before any write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from asymlora import _native
+from asymlora._dtypes import NUMPY_TO_SAFETENSORS, from_raw
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+SCALINGS = ("alpha/r", "alpha/sqrt(r)")
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """One adapted linear map ``W (d_out x d_in) + s * B @ A``.
+
+    ``stream`` selects this module's ``A`` under the adapter seed; it is stored
+    in the file, so renaming modules never changes an ``A``. ``a_stored`` is true
+    when ``A`` is in the file (trained or imported) instead of regenerated.
+    ``rank``/``alpha`` override the adapter-wide values for this module.
+    """
+
+    d_in: int
+    d_out: int
+    stream: int
+    a_stored: bool = False
+    rank: int | None = None
+    alpha: float | None = None
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Adapter-wide settings and the per-module table (stored as JSON in the file)."""
+
+    rank: int
+    alpha: float
+    seed: int
+    modules: Mapping[str, ModuleConfig]
+    scaling: str = "alpha/r"
+    generator: str = "haar-v1"
+    a_dtype: str = "float32"
+    a_gain: float = 1.0
+    full_tensors: tuple[str, ...] = ()
+    base_model: dict[str, Any] | None = field(default=None)
+
+    def module_rank(self, module: str) -> int:
+        m = self.modules[module]
+        return self.rank if m.rank is None else m.rank
+
+    def scale(self, module: str) -> float:
+        """The factor ``s`` in ``W + s * B @ A`` for ``module``."""
+        m = self.modules[module]
+        alpha = self.alpha if m.alpha is None else m.alpha
+        r = self.module_rank(module)
+        return alpha / r if self.scaling == "alpha/r" else alpha / math.sqrt(r)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["modules"] = {
+            name: {k: v for k, v in asdict(m).items() if v is not None}
+            for name, m in self.modules.items()
+        }
+        data["full_tensors"] = list(self.full_tensors)
+        if self.base_model is None:
+            del data["base_model"]
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        data = json.loads(text)
+        modules = {name: ModuleConfig(**m) for name, m in data.pop("modules").items()}
+        data["full_tensors"] = tuple(data.get("full_tensors", ()))
+        return cls(modules=modules, **data)
+
+
+class _LazyTensors(Mapping[str, np.ndarray]):
+    """Tensors of an open adapter, read from the mapped file on access."""
+
+    def __init__(self, native: _native.AdapterFile) -> None:
+        self._native = native
+        self._names = native.tensor_names()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        return from_raw(*self._native.tensor(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class Adapter:
+    """An open, validated adapter file. Create with :func:`read_adapter`."""
+
+    def __init__(self, path: PathLike) -> None:
+        self._native = _native.AdapterFile(os.fspath(path))
+        self.config: AdapterConfig = AdapterConfig.from_json(self._native.config_json)
+        self.tensors: Mapping[str, np.ndarray] = _LazyTensors(self._native)
+
+    @property
+    def path(self) -> Path:
+        return Path(self._native.path)
+
+    @property
+    def file_size(self) -> int:
+        return self._native.file_size
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.config.modules)
+
+    def lora_B(self, module: str) -> np.ndarray:  # noqa: N802 (PEFT's name)
+        """``B`` (d_out x r) of ``module``."""
+        self._require(module)
+        return self.tensors[f"{module}.lora_B"]
+
+    def lora_A(self, module: str) -> np.ndarray:  # noqa: N802 (PEFT's name)
+        """``A`` (r x d_in) of ``module``: read from the file, or regenerated from the seed."""
+        self._require(module)
+        return from_raw(*self._native.lora_a(module))
+
+    def delta(self, module: str) -> np.ndarray:
+        """``s * B @ A`` for ``module`` in float64 (for checks; d_out x d_in)."""
+        a = self.lora_A(module).astype(np.float64)
+        b = self.lora_B(module).astype(np.float64)
+        return self.config.scale(module) * (b @ a)
+
+    def inspect(self) -> str:
+        """The report ``asymlora inspect`` prints."""
+        return self._native.inspect()
+
+    def _require(self, module: str) -> None:
+        if module not in self.config.modules:
+            raise KeyError(f"no module {module!r} in {self.path}")
+
+    def __repr__(self) -> str:
+        return f"Adapter({str(self.path)!r}, modules={len(self.config.modules)})"
+
+
+def read_adapter(path: PathLike) -> Adapter:
+    """Opens and validates an adapter file (memory-mapped; tensors load lazily).
+
+    Raises:
+        AdapterFormatError: the file is not a valid v1 adapter; the message names
+            the module and field.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    return Adapter(path)
+
+
+def write_adapter(path: PathLike, config: AdapterConfig, tensors: Mapping[str, Any]) -> None:
+    """Validates ``config`` against ``tensors`` and writes the adapter atomically.
+
+    ``tensors`` maps names (``{module}.lora_B``, ``{module}.lora_A`` where
+    ``a_stored``, and the ``full_tensors``) to arrays of float64, float32, float16
+    or ``ml_dtypes.bfloat16``. Nothing is written if validation fails.
+    """
+    if config.scaling not in SCALINGS:
+        raise ValueError(f"config.scaling must be one of {SCALINGS}, got {config.scaling!r}")
+    raw = []
+    for name, value in tensors.items():
+        array = np.ascontiguousarray(value)
+        code = NUMPY_TO_SAFETENSORS.get(array.dtype)
+        if code is None:
+            raise ValueError(
+                f"tensor {name!r} has dtype {array.dtype}; adapters hold float64, float32, "
+                "float16 or bfloat16"
+            )
+        raw.append((name, code, list(array.shape), array.tobytes()))
+    _native.write_adapter(os.fspath(path), config.to_json(), raw)

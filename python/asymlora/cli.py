@@ -1,0 +1,45 @@
+"""The ``asymlora`` console command.
+
+Commands implemented in Rust (``inspect``; more later) are parsed by the Rust
+command line, shared with the standalone binary. Commands that need Python
+(``demo``) are dispatched here first. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Callable
+
+
+def _demo(argv: Sequence[str]) -> int:
+    from asymlora import demo
+
+    return demo.main(argv)
+
+
+PYTHON_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "demo": (_demo, "Build a Llama-2-7B-shaped seed-plus-B adapter and verify every A"),
+}
+
+
+def _python_help() -> str:
+    lines = ["Python commands:"]
+    lines += [f"  {name:<9} {about}" for name, (_, about) in PYTHON_COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in PYTHON_COMMANDS:
+        handler, _ = PYTHON_COMMANDS[args[0]]
+        return handler(args[1:])
+    from asymlora import _native
+
+    sys.stdout.flush()
+    return _native.cli_main(["asymlora", *args], _python_help())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

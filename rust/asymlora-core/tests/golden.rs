@@ -1,0 +1,99 @@
+//! The pinned outputs of generator haar-v1 (docs/haar-v1-test-vectors.json), checked
+//! with 1, 2 and 8 threads. A failure here means the bits changed: that is a new
+//! generator, not a fix to this one.
+
+use std::path::PathBuf;
+
+use asymlora_core::orthogonal::gaussian_matrix;
+use asymlora_core::{random_orthogonal, random_orthogonal_many, Dtype, Matrix, OrthogonalSpec};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn vectors() -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/haar-v1-test-vectors.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("test vectors present")).unwrap()
+}
+
+fn u64_of(v: &Value) -> u64 {
+    v.as_u64().expect("integer")
+}
+
+fn spec_of(v: &Value) -> (OrthogonalSpec, Dtype) {
+    let spec = OrthogonalSpec::new(
+        u64_of(&v["r"]) as usize,
+        u64_of(&v["d_in"]) as usize,
+        u64_of(&v["seed"]),
+        u64_of(&v["stream"]),
+    )
+    .with_gain(v.get("gain").and_then(Value::as_f64).unwrap_or(1.0));
+    (spec, v["dtype"].as_str().unwrap().parse().unwrap())
+}
+
+fn hex_bits(m: &Matrix) -> Vec<String> {
+    match m {
+        Matrix::F32(v) => v.iter().map(|x| format!("{:08x}", x.to_bits())).collect(),
+        Matrix::F16(v) => v.iter().map(|x| format!("{:04x}", x.to_bits())).collect(),
+        Matrix::BF16(v) => v.iter().map(|x| format!("{:04x}", x.to_bits())).collect(),
+    }
+}
+
+fn sha256_hex(m: &Matrix) -> String {
+    Sha256::digest(m.to_le_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+}
+
+#[test]
+fn gaussian_vectors() {
+    let v = vectors();
+    for case in v["gaussian"].as_array().unwrap() {
+        let (r, d) = (u64_of(&case["r"]) as usize, u64_of(&case["d_in"]) as usize);
+        for threads in [1, 2, 8] {
+            let g = with_threads(threads, || gaussian_matrix(r, d, u64_of(&case["seed"]), u64_of(&case["stream"])));
+            let got: Vec<String> = g.iter().map(|x| format!("{:016x}", x.to_bits())).collect();
+            let want: Vec<String> = case["values_f64_bits"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+            assert_eq!(got, want, "gaussian {case} with {threads} threads");
+        }
+    }
+}
+
+#[test]
+fn small_matrices_in_full() {
+    let v = vectors();
+    for case in v["small"].as_array().unwrap() {
+        let (spec, dtype) = spec_of(case);
+        let want: Vec<String> = case["bits"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+        for threads in [1, 2, 8] {
+            let m = with_threads(threads, || random_orthogonal(&spec, dtype).unwrap());
+            assert_eq!(hex_bits(&m), want, "{case} with {threads} threads");
+        }
+    }
+}
+
+#[test]
+fn large_matrices_by_sha256() {
+    let v = vectors();
+    let cases = v["sha256"].as_array().unwrap();
+    for threads in [1, 2, 8] {
+        for case in cases {
+            let (spec, dtype) = spec_of(case);
+            let m = with_threads(threads, || random_orthogonal(&spec, dtype).unwrap());
+            assert_eq!(sha256_hex(&m), case["sha256"].as_str().unwrap(), "{case} with {threads} threads");
+        }
+    }
+}
+
+#[test]
+fn batched_equals_single_with_any_thread_count() {
+    let v = vectors();
+    let cases: Vec<_> = v["sha256"].as_array().unwrap().iter().filter(|c| c["dtype"] == "float32").collect();
+    let specs: Vec<_> = cases.iter().map(|c| spec_of(c).0).collect();
+    for threads in [1, 2, 8] {
+        let many = with_threads(threads, || random_orthogonal_many(&specs, Dtype::F32).unwrap());
+        for (m, case) in many.iter().zip(&cases) {
+            assert_eq!(sha256_hex(m), case["sha256"].as_str().unwrap(), "batched {case} with {threads} threads");
+        }
+    }
+}

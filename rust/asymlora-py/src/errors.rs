@@ -1,0 +1,44 @@
+//! Core errors as typed Python exceptions.
+
+use std::io::ErrorKind;
+
+use asymlora_core::Error;
+use pyo3::exceptions::{PyFileNotFoundError, PyIsADirectoryError, PyOSError, PyPermissionError, PyValueError};
+use pyo3::prelude::*;
+
+pyo3::create_exception!(
+    asymlora,
+    AdapterFormatError,
+    PyValueError,
+    "An adapter file or config is malformed or inconsistent; the message names the module and field."
+);
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("AdapterFormatError", m.py().get_type::<AdapterFormatError>())
+}
+
+/// Converts a core error into the matching Python exception.
+pub fn to_py(err: Error) -> PyErr {
+    let message = err.to_string();
+    match err {
+        Error::InvalidArgument { .. } => PyValueError::new_err(message),
+        Error::AdapterFormat { .. } => AdapterFormatError::new_err(message),
+        Error::Io { source, .. } => match source.kind() {
+            ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
+            ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
+            ErrorKind::IsADirectory => PyIsADirectoryError::new_err(message),
+            _ => PyOSError::new_err(message),
+        },
+    }
+}
+
+/// A rayon pool with `threads` workers (None: rayon's default, all cores).
+pub fn thread_pool(threads: Option<usize>) -> PyResult<rayon::ThreadPool> {
+    if threads == Some(0) {
+        return Err(PyValueError::new_err("invalid argument `threads`: must be at least 1 (or None for all cores)"));
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
+        .build()
+        .map_err(|e| PyOSError::new_err(format!("cannot start a thread pool: {e}")))
+}
