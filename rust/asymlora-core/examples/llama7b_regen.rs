@@ -23,7 +23,9 @@ fn main() {
         let t = Instant::now();
         pool.install(|| {
             for s in &specs {
-                std::hint::black_box(asymlora_core::orthogonal::gaussian_matrix(s.rank, s.d_in, s.seed, s.stream));
+                std::hint::black_box(asymlora_core::orthogonal::gaussian_matrix(
+                    s.rank, s.d_in, s.seed, s.stream,
+                ));
             }
         });
         println!("gaussian only: {:.3} s", t.elapsed().as_secs_f64());

@@ -8,10 +8,14 @@ fn main() {
     println!("// Literals are shortest round-trip decimals: they parse to the exact bits.");
     println!();
     println!("pub(super) const ZIG_X: [f64; 257] = [");
-    for v in &x { println!("    {v:?},"); }
+    for v in &x {
+        println!("    {v:?},");
+    }
     println!("];");
     println!();
     println!("pub(super) const ZIG_F: [f64; 257] = [");
-    for v in &f { println!("    {v:?},"); }
+    for v in &f {
+        println!("    {v:?},");
+    }
     println!("];");
 }

@@ -171,7 +171,9 @@ mod tests {
         // 1 + 2^-11 is the tie between 1 and the next f16; the 2^-40 makes it round up.
         // Through f32 the 2^-40 is lost and the tie goes to even (1.0).
         let x = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
-        let Matrix::F16(v) = Matrix::round_from_f64(&[x], Dtype::F16) else { unreachable!() };
+        let Matrix::F16(v) = Matrix::round_from_f64(&[x], Dtype::F16) else {
+            unreachable!()
+        };
         assert_eq!(v[0].to_f64(), 1.0 + 2f64.powi(-10));
         assert_eq!(f16::from_f32(x as f32).to_f64(), 1.0);
     }
@@ -214,7 +216,9 @@ mod tests {
             let b = f16::from_bits(bits + 1).to_f64();
             let mid = (a + b) / 2.0;
             for x in [mid, mid + mid * 1e-12, mid - mid * 1e-12, a, b] {
-                let Matrix::F16(v) = Matrix::round_from_f64(&[x], Dtype::F16) else { unreachable!() };
+                let Matrix::F16(v) = Matrix::round_from_f64(&[x], Dtype::F16) else {
+                    unreachable!()
+                };
                 assert_eq!(v[0].to_f64(), exact(x), "x = {x:e}");
                 checked += 1;
             }
@@ -225,7 +229,9 @@ mod tests {
     #[test]
     fn single_rounding_bf16() {
         let x = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
-        let Matrix::BF16(v) = Matrix::round_from_f64(&[x], Dtype::BF16) else { unreachable!() };
+        let Matrix::BF16(v) = Matrix::round_from_f64(&[x], Dtype::BF16) else {
+            unreachable!()
+        };
         assert_eq!(v[0].to_f64(), 1.0 + 2f64.powi(-7));
         assert_eq!(bf16::from_f32(x as f32).to_f64(), 1.0);
     }

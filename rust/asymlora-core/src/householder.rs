@@ -145,7 +145,8 @@ mod tests {
         for (i, x) in a.iter().enumerate() {
             lanes[i % 8] += x;
         }
-        let expected = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        let expected =
+            ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
         assert_eq!(dot(&a, &ones).to_bits(), expected.to_bits());
     }
 

@@ -42,16 +42,13 @@ impl FromStr for Generator {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        Generator::ALL
-            .into_iter()
-            .find(|g| g.name() == s)
-            .ok_or_else(|| {
-                let known: Vec<_> = Generator::ALL.iter().map(|g| g.name()).collect();
-                Error::invalid(
-                    "generator",
-                    format!("unknown generator {s:?}; this version knows {}", known.join(", ")),
-                )
-            })
+        Generator::ALL.into_iter().find(|g| g.name() == s).ok_or_else(|| {
+            let known: Vec<_> = Generator::ALL.iter().map(|g| g.name()).collect();
+            Error::invalid(
+                "generator",
+                format!("unknown generator {s:?}; this version knows {}", known.join(", ")),
+            )
+        })
     }
 }
 
@@ -94,7 +91,10 @@ impl OrthogonalSpec {
             ));
         }
         if !self.gain.is_finite() {
-            return Err(Error::invalid("gain", format!("gain must be finite, got {}", self.gain)));
+            return Err(Error::invalid(
+                "gain",
+                format!("gain must be finite, got {}", self.gain),
+            ));
         }
         Ok(())
     }
@@ -135,10 +135,7 @@ pub fn random_orthogonal_many(specs: &[OrthogonalSpec], dtype: Dtype) -> Result<
     for spec in specs {
         spec.validate()?;
     }
-    specs
-        .par_iter()
-        .map(|spec| random_orthogonal(spec, dtype))
-        .collect()
+    specs.par_iter().map(|spec| random_orthogonal(spec, dtype)).collect()
 }
 
 #[cfg(test)]
@@ -158,8 +155,7 @@ mod tests {
         assert!(err.to_string().contains("`r`"));
         let err = random_orthogonal(&OrthogonalSpec::new(5, 4, 0, 0), Dtype::F32).unwrap_err();
         assert!(err.to_string().contains("exceeds d_in 4"));
-        let err = random_orthogonal(&OrthogonalSpec::new(1, 4, 0, 0).with_gain(f64::NAN), Dtype::F32)
-            .unwrap_err();
+        let err = random_orthogonal(&OrthogonalSpec::new(1, 4, 0, 0).with_gain(f64::NAN), Dtype::F32).unwrap_err();
         assert!(err.to_string().contains("`gain`"));
     }
 

@@ -38,11 +38,18 @@ fn hex_bits(m: &Matrix) -> Vec<String> {
 }
 
 fn sha256_hex(m: &Matrix) -> String {
-    Sha256::digest(m.to_le_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(m.to_le_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
 }
 
 #[test]
@@ -51,9 +58,16 @@ fn gaussian_vectors() {
     for case in v["gaussian"].as_array().unwrap() {
         let (r, d) = (u64_of(&case["r"]) as usize, u64_of(&case["d_in"]) as usize);
         for threads in [1, 2, 8] {
-            let g = with_threads(threads, || gaussian_matrix(r, d, u64_of(&case["seed"]), u64_of(&case["stream"])));
+            let g = with_threads(threads, || {
+                gaussian_matrix(r, d, u64_of(&case["seed"]), u64_of(&case["stream"]))
+            });
             let got: Vec<String> = g.iter().map(|x| format!("{:016x}", x.to_bits())).collect();
-            let want: Vec<String> = case["values_f64_bits"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+            let want: Vec<String> = case["values_f64_bits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap().to_string())
+                .collect();
             assert_eq!(got, want, "gaussian {case} with {threads} threads");
         }
     }
@@ -64,7 +78,12 @@ fn small_matrices_in_full() {
     let v = vectors();
     for case in v["small"].as_array().unwrap() {
         let (spec, dtype) = spec_of(case);
-        let want: Vec<String> = case["bits"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+        let want: Vec<String> = case["bits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
         for threads in [1, 2, 8] {
             let m = with_threads(threads, || random_orthogonal(&spec, dtype).unwrap());
             assert_eq!(hex_bits(&m), want, "{case} with {threads} threads");
@@ -80,7 +99,11 @@ fn large_matrices_by_sha256() {
         for case in cases {
             let (spec, dtype) = spec_of(case);
             let m = with_threads(threads, || random_orthogonal(&spec, dtype).unwrap());
-            assert_eq!(sha256_hex(&m), case["sha256"].as_str().unwrap(), "{case} with {threads} threads");
+            assert_eq!(
+                sha256_hex(&m),
+                case["sha256"].as_str().unwrap(),
+                "{case} with {threads} threads"
+            );
         }
     }
 }
@@ -88,12 +111,21 @@ fn large_matrices_by_sha256() {
 #[test]
 fn batched_equals_single_with_any_thread_count() {
     let v = vectors();
-    let cases: Vec<_> = v["sha256"].as_array().unwrap().iter().filter(|c| c["dtype"] == "float32").collect();
+    let cases: Vec<_> = v["sha256"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["dtype"] == "float32")
+        .collect();
     let specs: Vec<_> = cases.iter().map(|c| spec_of(c).0).collect();
     for threads in [1, 2, 8] {
         let many = with_threads(threads, || random_orthogonal_many(&specs, Dtype::F32).unwrap());
         for (m, case) in many.iter().zip(&cases) {
-            assert_eq!(sha256_hex(m), case["sha256"].as_str().unwrap(), "batched {case} with {threads} threads");
+            assert_eq!(
+                sha256_hex(m),
+                case["sha256"].as_str().unwrap(),
+                "batched {case} with {threads} threads"
+            );
         }
     }
 }

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use asymlora_core::adapter::{render_inspect, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, OwnedTensor, TensorInfo};
+use asymlora_core::adapter::{
+    render_inspect, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, OwnedTensor, TensorInfo,
+};
 use asymlora_core::Error;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
@@ -33,7 +35,11 @@ fn parse_st_dtype(name: &str, tensor: &str) -> PyResult<StDtype> {
 }
 
 fn raw(py: Python<'_>, info: &TensorInfo, bytes: &[u8]) -> RawTensor {
-    (dtype_name(info.dtype), info.shape.clone(), PyByteArray::new(py, bytes).unbind())
+    (
+        dtype_name(info.dtype),
+        info.shape.clone(),
+        PyByteArray::new(py, bytes).unbind(),
+    )
 }
 
 /// An open, validated adapter file (memory-mapped; tensors are read on request).
@@ -120,7 +126,10 @@ fn write_adapter(
         let dtype = parse_st_dtype(&dtype, &name)?;
         let tensor = OwnedTensor::new(&name, dtype, shape, data.to_vec()).map_err(to_py)?;
         if owned.insert(name.clone(), tensor).is_some() {
-            return Err(to_py(Error::invalid("tensors", format!("tensor {name:?} is given twice"))));
+            return Err(to_py(Error::invalid(
+                "tensors",
+                format!("tensor {name:?} is given twice"),
+            )));
         }
     }
     py.detach(|| core_write(&path, &config, &owned)).map_err(to_py)

@@ -35,7 +35,9 @@ pub fn to_py(err: Error) -> PyErr {
 /// A rayon pool with `threads` workers (None: rayon's default, all cores).
 pub fn thread_pool(threads: Option<usize>) -> PyResult<rayon::ThreadPool> {
     if threads == Some(0) {
-        return Err(PyValueError::new_err("invalid argument `threads`: must be at least 1 (or None for all cores)"));
+        return Err(PyValueError::new_err(
+            "invalid argument `threads`: must be at least 1 (or None for all cores)",
+        ));
     }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads.unwrap_or(0))

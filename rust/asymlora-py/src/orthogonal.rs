@@ -12,8 +12,12 @@ fn to_numpy(py: Python<'_>, matrix: Matrix, rows: usize, cols: usize) -> PyResul
     let shape = [rows, cols];
     let array = match matrix {
         Matrix::F32(v) => PyArray1::from_vec(py, v).reshape(shape)?.into_any(),
-        Matrix::F16(v) => PyArray1::from_vec(py, v.into_iter().map(|x| x.to_bits()).collect()).reshape(shape)?.into_any(),
-        Matrix::BF16(v) => PyArray1::from_vec(py, v.into_iter().map(|x| x.to_bits()).collect()).reshape(shape)?.into_any(),
+        Matrix::F16(v) => PyArray1::from_vec(py, v.into_iter().map(|x| x.to_bits()).collect())
+            .reshape(shape)?
+            .into_any(),
+        Matrix::BF16(v) => PyArray1::from_vec(py, v.into_iter().map(|x| x.to_bits()).collect())
+            .reshape(shape)?
+            .into_any(),
     };
     Ok(array.unbind())
 }
@@ -24,6 +28,7 @@ fn parse_dtype(dtype: &str) -> PyResult<Dtype> {
 
 /// One `A` (r x d_in) with orthonormal rows.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)] // mirrors the Python signature, keyword arguments
 #[pyo3(signature = (r, d_in, seed, stream = 0, dtype = "float32", gain = 1.0, threads = None))]
 fn random_orthogonal(
     py: Python<'_>,
@@ -83,7 +88,13 @@ fn random_orthogonal_many(
 /// The Gaussian matrix (r x d_in, float64) that `A` is computed from.
 #[pyfunction]
 #[pyo3(signature = (r, d_in, seed, stream = 0))]
-fn gaussian_matrix<'py>(py: Python<'py>, r: usize, d_in: usize, seed: u64, stream: u64) -> PyResult<Bound<'py, PyArray2<f64>>> {
+fn gaussian_matrix<'py>(
+    py: Python<'py>,
+    r: usize,
+    d_in: usize,
+    seed: u64,
+    stream: u64,
+) -> PyResult<Bound<'py, PyArray2<f64>>> {
     let g = py.detach(|| core_gaussian(r, d_in, seed, stream));
     PyArray1::from_vec(py, g).reshape([r, d_in])
 }

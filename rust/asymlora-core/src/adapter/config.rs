@@ -104,8 +104,7 @@ impl AdapterConfig {
 
     /// What determines the regenerated `A` of `module`.
     pub fn a_spec(&self, module: &ModuleConfig) -> OrthogonalSpec {
-        OrthogonalSpec::new(self.module_rank(module), module.d_in, self.seed, module.stream)
-            .with_gain(self.a_gain)
+        OrthogonalSpec::new(self.module_rank(module), module.d_in, self.seed, module.stream).with_gain(self.a_gain)
     }
 
     pub fn to_json(&self) -> String {

@@ -39,7 +39,8 @@ impl AdapterFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
         let shown = path.display().to_string();
         let rep = Reporter { path: &shown };
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| rep.err("safetensors", format!("not a valid safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| rep.err("safetensors", format!("not a valid safetensors file: {e}")))?;
         let (header_len, metadata) =
             SafeTensors::read_metadata(&mmap).map_err(|e| rep.err("safetensors", e.to_string()))?;
         let config = config_from_metadata(&rep, metadata.metadata().as_ref())?;
@@ -86,9 +87,10 @@ impl AdapterFile {
 
     /// Dtype, shape and little-endian bytes of tensor `name`.
     pub fn tensor(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
-        let (info, range) = self.tensors.get(name).ok_or_else(|| {
-            Error::invalid("name", format!("no tensor {name:?} in {}", self.path.display()))
-        })?;
+        let (info, range) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::invalid("name", format!("no tensor {name:?} in {}", self.path.display())))?;
         Ok((info, &self.mmap[range.clone()]))
     }
 
@@ -111,7 +113,10 @@ impl AdapterFile {
             let (info, bytes) = self.tensor(&lora_a_name(module))?;
             Ok(FactorA::Stored { info, bytes })
         } else {
-            Ok(FactorA::Generated(random_orthogonal(&self.config.a_spec(m), self.config.a_dtype)?))
+            Ok(FactorA::Generated(random_orthogonal(
+                &self.config.a_spec(m),
+                self.config.a_dtype,
+            )?))
         }
     }
 }

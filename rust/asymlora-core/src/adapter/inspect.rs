@@ -35,9 +35,19 @@ pub fn render_inspect(file: &AdapterFile) -> String {
         c.generator,
         c.seed,
         c.a_dtype,
-        if c.a_gain != 1.0 { format!("  gain {}", c.a_gain) } else { String::new() }
+        if c.a_gain != 1.0 {
+            format!("  gain {}", c.a_gain)
+        } else {
+            String::new()
+        }
     );
-    let _ = writeln!(out, "rank        {}  alpha {}  scaling {}", c.rank, c.alpha, c.scaling.name());
+    let _ = writeln!(
+        out,
+        "rank        {}  alpha {}  scaling {}",
+        c.rank,
+        c.alpha,
+        c.scaling.name()
+    );
     let _ = writeln!(
         out,
         "modules     {} ({} with stored A, {} regenerated from the seed)",
@@ -50,7 +60,11 @@ pub fn render_inspect(file: &AdapterFile) -> String {
     }
     let width = c.modules.keys().map(String::len).max().unwrap_or(6).max(6);
     let _ = writeln!(out);
-    let _ = writeln!(out, "{:<width$}  {:>13}  {:>4}  {:>6}  {:<6}  B dtype", "module", "d_out x d_in", "rank", "stream", "A");
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:>13}  {:>4}  {:>6}  {:<6}  B dtype",
+        "module", "d_out x d_in", "rank", "stream", "A"
+    );
     let mut a_bytes_if_stored = 0u64;
     for (name, m) in &c.modules {
         let r = c.module_rank(m);

@@ -10,7 +10,9 @@ mod inspect;
 mod validate;
 mod write;
 
-pub use config::{AdapterConfig, ModuleConfig, Scaling, FORMAT_NAME, FORMAT_VERSION, META_CONFIG, META_FORMAT, META_VERSION};
+pub use config::{
+    AdapterConfig, ModuleConfig, Scaling, FORMAT_NAME, FORMAT_VERSION, META_CONFIG, META_FORMAT, META_VERSION,
+};
 pub use file::{AdapterFile, FactorA};
 pub use inspect::render_inspect;
 pub use validate::TensorInfo;

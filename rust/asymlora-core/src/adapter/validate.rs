@@ -70,11 +70,20 @@ pub(crate) fn config_from_metadata(
     let json = meta
         .get(META_CONFIG)
         .ok_or_else(|| rep.err(format!("__metadata__.{META_CONFIG}"), "missing"))?;
-    serde_json::from_str(json).map_err(|e| rep.err(format!("__metadata__.{META_CONFIG}"), format!("invalid config JSON: {e}")))
+    serde_json::from_str(json).map_err(|e| {
+        rep.err(
+            format!("__metadata__.{META_CONFIG}"),
+            format!("invalid config JSON: {e}"),
+        )
+    })
 }
 
 /// Checks the config on its own, then against `tensors`.
-pub(crate) fn validate(rep: &Reporter<'_>, config: &AdapterConfig, tensors: &BTreeMap<String, TensorInfo>) -> Result<()> {
+pub(crate) fn validate(
+    rep: &Reporter<'_>,
+    config: &AdapterConfig,
+    tensors: &BTreeMap<String, TensorInfo>,
+) -> Result<()> {
     validate_config(rep, config)?;
     validate_tensors(rep, config, tensors)
 }
@@ -103,7 +112,10 @@ fn validate_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
             return Err(rep.err("config.modules", "a module name is empty"));
         }
         if m.d_in == 0 || m.d_out == 0 {
-            return Err(rep.err(at("d_in/d_out"), format!("must be positive, got {} x {}", m.d_out, m.d_in)));
+            return Err(rep.err(
+                at("d_in/d_out"),
+                format!("must be positive, got {} x {}", m.d_out, m.d_in),
+            ));
         }
         let r = config.module_rank(m);
         if r == 0 {
@@ -122,7 +134,10 @@ fn validate_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
             if let Some(other) = streams.insert(m.stream, name) {
                 return Err(rep.err(
                     at("stream"),
-                    format!("stream {} is also used by module {other:?}; generated A's need distinct streams", m.stream),
+                    format!(
+                        "stream {} is also used by module {other:?}; generated A's need distinct streams",
+                        m.stream
+                    ),
                 ));
             }
         }
@@ -160,7 +175,10 @@ fn validate_tensors(rep: &Reporter<'_>, config: &AdapterConfig, tensors: &BTreeM
             ));
         }
         if !tensors.contains_key(full) {
-            return Err(rep.err("config.full_tensors", format!("lists {full:?}, which the file does not hold")));
+            return Err(rep.err(
+                "config.full_tensors",
+                format!("lists {full:?}, which the file does not hold"),
+            ));
         }
         described.insert(full.clone(), "");
     }
@@ -183,12 +201,21 @@ fn expect_factor(
     let at = format!("module {module:?}: {factor}");
     let info = info.ok_or_else(|| rep.err(&at, format!("tensor {module}.{factor} is missing")))?;
     if !FACTOR_DTYPES.contains(&info.dtype) {
-        return Err(rep.err(&at, format!("dtype {:?} is not a floating-point type (F16, BF16, F32, F64)", info.dtype)));
+        return Err(rep.err(
+            &at,
+            format!(
+                "dtype {:?} is not a floating-point type (F16, BF16, F32, F64)",
+                info.dtype
+            ),
+        ));
     }
     if info.shape != shape {
         return Err(rep.err(
             &at,
-            format!("shape {:?} does not match the config: expected {:?} (from d_in, d_out and rank)", info.shape, shape),
+            format!(
+                "shape {:?} does not match the config: expected {:?} (from d_in, d_out and rank)",
+                info.shape, shape
+            ),
         ));
     }
     Ok(())

@@ -26,7 +26,10 @@ impl OwnedTensor {
         if data.len() != expected {
             return Err(Error::invalid(
                 "tensors",
-                format!("tensor {name:?}: {} bytes for shape {shape:?} of {dtype:?}, expected {expected}", data.len()),
+                format!(
+                    "tensor {name:?}: {} bytes for shape {shape:?} of {dtype:?}, expected {expected}",
+                    data.len()
+                ),
             ));
         }
         Ok(OwnedTensor {
@@ -52,7 +55,11 @@ impl View for &OwnedTensor {
 }
 
 /// Validates `config` against `tensors` and writes the adapter to `path` atomically.
-pub fn write_adapter(path: impl AsRef<Path>, config: &AdapterConfig, tensors: &BTreeMap<String, OwnedTensor>) -> Result<()> {
+pub fn write_adapter(
+    path: impl AsRef<Path>,
+    config: &AdapterConfig,
+    tensors: &BTreeMap<String, OwnedTensor>,
+) -> Result<()> {
     let path = path.as_ref();
     let shown = path.display().to_string();
     let rep = Reporter { path: &shown };
@@ -77,9 +84,7 @@ pub fn write_adapter(path: impl AsRef<Path>, config: &AdapterConfig, tensors: &B
     // tempfile creates 0600 files; an adapter is meant to be shared like any output.
     #[cfg(unix)]
     builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-    let mut tmp = builder
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
     tmp.write_all(&bytes).map_err(|e| Error::io(tmp.path(), e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
