@@ -138,14 +138,14 @@ def run(out: Path, *, rank: int, seed: int, layers: int) -> dict:
 
 
 def print_report(report: dict) -> None:
-    header = f"{'module':<10} {'count':>5} {'A shape':>12} {'max|AA^T-I|':>11}  {'1 vs N threads':<14} {'file':<5} golden"
+    header = f"{'module':<10} {'count':>5} {'A shape':>12}  {'max|AA^T-I|':>11}  {'1 vs N threads':<14} {'file':<5} golden"
     print()
     print(header)
     print("-" * len(header))
     for kind, r in report["rows"].items():
         shape = f"{r['shape'][0]} x {r['shape'][1]}"
         print(
-            f"{kind:<10} {r['count']:>5} {shape:>12} {r['max_orth_err']:>11.2e}  "
+            f"{kind:<10} {r['count']:>5} {shape:>12}  {r['max_orth_err']:>11.2e}  "
             f"{'same bits' if r['threads_agree'] else 'DIFFERENT':<14} "
             f"{'same' if r['file_agrees'] else 'DIFF':<5} {r['golden']}"
         )

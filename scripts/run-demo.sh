@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets everything up and runs the main job (`asymlora demo`) on its built-in default.
+# Extra arguments go to `asymlora demo` (see `asymlora demo --help`).
+source "$(dirname "$0")/_venv.sh"
+install_asymlora
+echo "==> asymlora demo $*"
+"$VENV/bin/asymlora" demo "$@"
