@@ -18,9 +18,8 @@ import platform
 import statistics
 import time
 
-import numpy as np
-
 import asymlora
+import numpy as np
 from asymlora.demo import llama2_7b_modules
 
 
@@ -75,7 +74,7 @@ def main() -> None:
         runs["torch float64"].append(time_torch(shapes, torch.float64))
 
     reference = statistics.median(runs["torch float32"])
-    print(f"regenerate {len(shapes)} A factors ({n_values / 1e6:.1f} M values), Llama-2-7B shapes, r=16")
+    print(f"regenerate {len(shapes)} A factors ({n_values / 1e6:.1f} M values), Llama-2-7B, r=16")
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, "
         f"torch {torch.__version__}, asymlora {asymlora.__version__}, median of {args.repeats}"
@@ -84,9 +83,11 @@ def main() -> None:
     print(f"{'method':<16} {'median s':>9} {'min s':>7} {'max s':>7} {'vs torch f32':>13}")
     for name, times in runs.items():
         med = statistics.median(times)
-        print(f"{name:<16} {med:>9.3f} {min(times):>7.3f} {max(times):>7.3f} {med / reference:>12.2f}x")
+        spread = f"{min(times):>7.3f} {max(times):>7.3f}"
+        print(f"{name:<16} {med:>9.3f} {spread} {med / reference:>12.2f}x")
     print()
-    print(f"asymlora bits identical across runs: {len(digests) == 1} (sha256 {next(iter(digests))[:16]}...)")
+    digest = next(iter(digests))[:16]
+    print(f"asymlora bits identical across runs: {len(digests) == 1} (sha256 {digest}...)")
 
 
 if __name__ == "__main__":

@@ -126,12 +126,12 @@ class Adapter:
     def modules(self) -> list[str]:
         return list(self.config.modules)
 
-    def lora_B(self, module: str) -> np.ndarray:  # noqa: N802 (PEFT's name)
+    def lora_B(self, module: str) -> np.ndarray:
         """``B`` (d_out x r) of ``module``."""
         self._require(module)
         return self.tensors[f"{module}.lora_B"]
 
-    def lora_A(self, module: str) -> np.ndarray:  # noqa: N802 (PEFT's name)
+    def lora_A(self, module: str) -> np.ndarray:
         """``A`` (r x d_in) of ``module``: read from the file, or regenerated from the seed."""
         self._require(module)
         return from_raw(*self._native.lora_a(module))

@@ -99,8 +99,14 @@ def run(out: Path, *, rank: int, seed: int, layers: int) -> dict:
         kind = name.rsplit(".", 1)[-1]
         row = rows.setdefault(
             kind,
-            {"count": 0, "shape": list(a_many.shape), "max_orth_err": 0.0,
-             "threads_agree": True, "file_agrees": True, "golden": "n/a"},
+            {
+                "count": 0,
+                "shape": list(a_many.shape),
+                "max_orth_err": 0.0,
+                "threads_agree": True,
+                "file_agrees": True,
+                "golden": "n/a",
+            },
         )
         row["count"] += 1
         row["max_orth_err"] = max(row["max_orth_err"], _orthonormality_error(a_many))
@@ -128,7 +134,9 @@ def run(out: Path, *, rank: int, seed: int, layers: int) -> dict:
         "rows": rows,
     }
     report["ok"] = all(
-        r["max_orth_err"] <= ORTHONORMALITY_TOLERANCE and r["threads_agree"] and r["file_agrees"]
+        r["max_orth_err"] <= ORTHONORMALITY_TOLERANCE
+        and r["threads_agree"]
+        and r["file_agrees"]
         and r["golden"] != "MISMATCH"
         for r in rows.values()
     )
@@ -138,7 +146,10 @@ def run(out: Path, *, rank: int, seed: int, layers: int) -> dict:
 
 
 def print_report(report: dict) -> None:
-    header = f"{'module':<10} {'count':>5} {'A shape':>12}  {'max|AA^T-I|':>11}  {'1 vs N threads':<14} {'file':<5} golden"
+    header = (
+        f"{'module':<10} {'count':>5} {'A shape':>12}  {'max|AA^T-I|':>11}  "
+        f"{'1 vs N threads':<14} {'file':<5} golden"
+    )
     print()
     print(header)
     print("-" * len(header))
@@ -149,23 +160,29 @@ def print_report(report: dict) -> None:
             f"{'same bits' if r['threads_agree'] else 'DIFFERENT':<14} "
             f"{'same' if r['file_agrees'] else 'DIFF':<5} {r['golden']}"
         )
-    mib = 2**20
-    ratio = report["file_bytes"] / report["classic_lora_bytes"]
+    file_mib = report["file_bytes"] / 2**20
+    lora_mib = report["classic_lora_bytes"] / 2**20
+    t_all = report["regenerate_seconds_all_threads"]
+    t_one = report["regenerate_seconds_one_thread"]
     print()
-    print(f"adapter file      {report['file_bytes'] / mib:8.1f} MiB  (B only + seed)")
-    print(f"as classic LoRA   {report['classic_lora_bytes'] / mib:8.1f} MiB  (A stored too): ratio {ratio:.3f}")
-    print(
-        f"regenerate all A  {report['regenerate_seconds_all_threads']:8.3f} s on {report['threads']} threads, "
-        f"{report['regenerate_seconds_one_thread']:.3f} s on 1"
-    )
+    print(f"adapter file      {file_mib:8.1f} MiB  (B only + seed)")
+    print(f"as classic LoRA   {lora_mib:8.1f} MiB  (A stored too): ratio {file_mib / lora_mib:.3f}")
+    print(f"regenerate all A  {t_all:8.3f} s on {report['threads']} threads, {t_one:.3f} s on 1")
     print(f"result            {'OK' if report['ok'] else 'FAILED'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="asymlora demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("asymlora-demo"),
-                        help="output directory (default: ./asymlora-demo)")
+    parser = argparse.ArgumentParser(
+        prog="asymlora demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("asymlora-demo"),
+        help="output directory (default: ./asymlora-demo)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="adapter seed (default: 0)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
     parser.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (default: 32)")

@@ -93,6 +93,8 @@ def gaussian_matrix(r: int, d_in: int, *, seed: int, stream: int = 0) -> np.ndar
     exposed so that independent implementations (e.g. numpy's QR) can be checked.
     """
     return _native.gaussian_matrix(
-        check_uint("r", r), check_uint("d_in", d_in), check_uint("seed", seed),
+        check_uint("r", r),
+        check_uint("d_in", d_in),
+        check_uint("seed", seed),
         check_uint("stream", stream),
     )
