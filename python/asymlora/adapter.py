@@ -66,7 +66,11 @@ class AdapterConfig:
         m = self.modules[module]
         alpha = self.alpha if m.alpha is None else m.alpha
         r = self.module_rank(module)
-        return alpha / r if self.scaling == "alpha/r" else alpha / math.sqrt(r)
+        if self.scaling == "alpha/r":
+            return alpha / r
+        if self.scaling == "alpha/sqrt(r)":
+            return alpha / math.sqrt(r)
+        raise ValueError(f"config.scaling must be one of {SCALINGS}, got {self.scaling!r}")
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -71,10 +71,15 @@ impl serde::Serialize for Dtype {
     }
 }
 
+/// Files accept only the canonical names ("float32", ...); aliases are for callers.
 impl<'de> serde::Deserialize<'de> for Dtype {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let name = String::deserialize(d)?;
-        name.parse().map_err(serde::de::Error::custom)
+        Dtype::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown dtype {name:?}; expected one of float32, float16, bfloat16"
+            ))
+        })
     }
 }
 

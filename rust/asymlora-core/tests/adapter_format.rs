@@ -223,6 +223,24 @@ fn invalid_adapters_are_refused_with_named_fields() {
         ),
         (|c, _| c.modules.clear(), vec!["config.modules", "empty"]),
         (
+            |c, _| c.full_tensors.push("head.weight".into()),
+            vec!["full_tensors", "twice"],
+        ),
+        (
+            |_, t| {
+                t.insert(
+                    "head.weight".into(),
+                    OwnedTensor::new("h", St::I64, vec![2], vec![0; 16]).unwrap(),
+                );
+            },
+            vec!["head.weight", "floating-point"],
+        ),
+        (|c, _| c.a_gain = 0.0, vec!["config.a_gain", "non-zero"]),
+        (
+            |c, _| c.base_model = Some(serde_json::json!("llama")),
+            vec!["config.base_model", "object"],
+        ),
+        (
             |c, _| c.modules.get_mut("layers.0.q").unwrap().d_in = 0,
             vec!["layers.0.q", "d_in"],
         ),
@@ -298,6 +316,30 @@ fn reading_refuses_foreign_and_broken_files() {
                 &json.replace("\"a_dtype\":\"float32\"", "\"a_dtype\":\"float8\""),
             ),
             vec!["float8"],
+        ),
+        (
+            meta(
+                "asymlora",
+                "1",
+                &json.replace("\"a_dtype\":\"float32\"", "\"a_dtype\":\"f32\""),
+            ),
+            vec!["\"f32\""],
+        ),
+        (
+            meta(
+                "asymlora",
+                "1",
+                &json.replace("\"rank\":4,", "\"rank\":4,\"dropout\":0.1,"),
+            ),
+            vec!["unknown field", "dropout"],
+        ),
+        (
+            meta(
+                "asymlora",
+                "1",
+                &json.replace("\"stream\":0,", "\"stream\":0,\"bias\":true,"),
+            ),
+            vec!["unknown field", "bias"],
         ),
     ];
     for (i, (metadata, needles)) in cases.into_iter().enumerate() {

@@ -48,7 +48,11 @@ fn is_one(x: &f64) -> bool {
 }
 
 /// One adapted linear map `W (d_out x d_in) + s B A`.
+///
+/// Unknown fields are refused, not dropped: a reader that ignored them would lose
+/// them on the next write.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModuleConfig {
     pub d_in: usize,
     pub d_out: usize,
@@ -64,8 +68,9 @@ pub struct ModuleConfig {
     pub alpha: Option<f64>,
 }
 
-/// The adapter-wide config.
+/// The adapter-wide config (unknown fields are refused, as for [`ModuleConfig`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AdapterConfig {
     pub rank: usize,
     pub alpha: f64,
@@ -74,7 +79,7 @@ pub struct AdapterConfig {
     pub seed: u64,
     /// Name of the generator of non-stored `A`s (e.g. `haar-v1`).
     pub generator: String,
-    /// Dtype `A` is generated in (and stored in, when stored).
+    /// Dtype regenerated `A`s are produced in. A stored `A` keeps its own dtype.
     pub a_dtype: Dtype,
     /// Factor applied to every generated `A` before rounding.
     #[serde(default = "one", skip_serializing_if = "is_one")]
@@ -83,7 +88,7 @@ pub struct AdapterConfig {
     /// Tensors trained in full (e.g. a classifier head), stored under their own names.
     #[serde(default)]
     pub full_tensors: Vec<String>,
-    /// Optional description of the base model the adapter was trained on.
+    /// Optional description of the base model the adapter was trained on (a JSON object).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<serde_json::Value>,
 }

@@ -99,8 +99,14 @@ fn validate_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
     if !config.alpha.is_finite() {
         return Err(rep.err("config.alpha", format!("must be finite, got {}", config.alpha)));
     }
-    if !config.a_gain.is_finite() {
-        return Err(rep.err("config.a_gain", format!("must be finite, got {}", config.a_gain)));
+    if !config.a_gain.is_finite() || config.a_gain == 0.0 {
+        return Err(rep.err(
+            "config.a_gain",
+            format!("must be finite and non-zero, got {}", config.a_gain),
+        ));
+    }
+    if config.base_model.as_ref().is_some_and(|b| !b.is_object()) {
+        return Err(rep.err("config.base_model", "must be a JSON object when present"));
     }
     if config.modules.is_empty() {
         return Err(rep.err("config.modules", "is empty: an adapter adapts at least one module"));
@@ -145,13 +151,20 @@ fn validate_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
     Ok(())
 }
 
+/// What the config says a tensor is.
+#[derive(Clone, Copy, PartialEq)]
+enum Role<'a> {
+    FactorOf(&'a str),
+    Full,
+}
+
 fn validate_tensors(rep: &Reporter<'_>, config: &AdapterConfig, tensors: &BTreeMap<String, TensorInfo>) -> Result<()> {
-    let mut described: HashMap<String, &str> = HashMap::new();
+    let mut described: HashMap<String, Role<'_>> = HashMap::new();
     for (name, m) in &config.modules {
         let r = config.module_rank(m);
         let b = lora_b_name(name);
         expect_factor(rep, name, "lora_B", tensors.get(&b), [m.d_out, r])?;
-        described.insert(b, name);
+        described.insert(b, Role::FactorOf(name));
         let a = lora_a_name(name);
         match (m.a_stored, tensors.get(&a)) {
             (true, info) => {
@@ -165,22 +178,35 @@ fn validate_tensors(rep: &Reporter<'_>, config: &AdapterConfig, tensors: &BTreeM
             }
             (false, None) => {}
         }
-        described.insert(a, name);
+        described.insert(a, Role::FactorOf(name));
     }
     for full in &config.full_tensors {
-        if let Some(module) = described.get(full) {
-            return Err(rep.err(
-                "config.full_tensors",
-                format!("{full:?} is also a factor of module {module:?}"),
-            ));
+        match described.get(full) {
+            Some(Role::Full) => return Err(rep.err("config.full_tensors", format!("lists {full:?} twice"))),
+            Some(Role::FactorOf(module)) => {
+                return Err(rep.err(
+                    "config.full_tensors",
+                    format!("{full:?} is also a factor of module {module:?}"),
+                ))
+            }
+            None => {}
         }
-        if !tensors.contains_key(full) {
-            return Err(rep.err(
+        let info = tensors.get(full).ok_or_else(|| {
+            rep.err(
                 "config.full_tensors",
                 format!("lists {full:?}, which the file does not hold"),
+            )
+        })?;
+        if !FACTOR_DTYPES.contains(&info.dtype) {
+            return Err(rep.err(
+                format!("tensor {full:?}"),
+                format!(
+                    "dtype {:?} is not a floating-point type (F16, BF16, F32, F64)",
+                    info.dtype
+                ),
             ));
         }
-        described.insert(full.clone(), "");
+        described.insert(full.clone(), Role::Full);
     }
     if let Some(stray) = tensors.keys().find(|t| !described.contains_key(*t)) {
         return Err(rep.err(
