@@ -18,8 +18,9 @@ import platform
 import statistics
 import time
 
-import asymlora
 import numpy as np
+
+import asymlora
 from asymlora.demo import llama2_7b_modules
 
 
