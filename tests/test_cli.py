@@ -188,11 +188,6 @@ def test_demo_other_seed_has_no_golden(cli_path, tmp_path):
     assert report["rows"]["q_proj"]["shape"] == [4, 4096]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `asymlora demo --layers 0` dies with a Python traceback "
-    "(AdapterFormatError: config.modules is empty) instead of a one-line usage error",
-)
 def test_demo_bad_arguments_give_one_line_error(cli_path, tmp_path):
     proc = run([cli_path, "demo", "--out", tmp_path, "--layers", "0"])
     assert proc.returncode != 0

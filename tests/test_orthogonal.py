@@ -140,13 +140,6 @@ def test_gain_scales_before_rounding():
     np.testing.assert_allclose(scaled, base / 3.0, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: docs/generator-haar-v1.md says gain must be finite and non-zero ('Anything "
-    "else is an error ... non-finite or zero gain'), but gain=0.0 returns an all-zero A "
-    "(OrthogonalSpec::validate only checks is_finite); the adapter config does refuse "
-    "a_gain 0",
-)
 def test_zero_gain_is_an_error():
     with pytest.raises(ValueError) as excinfo:
         asymlora.random_orthogonal(2, 4, seed=0, gain=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 _U64_LIMIT = 2**64
@@ -13,9 +14,17 @@ def check_uint(name: str, value: object, *, minimum: int = 0) -> int:
         raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)
     if value < minimum or value >= _U64_LIMIT:
-        low = "a non-negative" if minimum == 0 else f"an integer >= {minimum} and"
-        raise ValueError(f"{name} must be {low} integer below 2**64, got {value}")
+        raise ValueError(f"{name} must be an integer in [{minimum}, 2**64), got {value}")
     return value
+
+
+def check_finite(name: str, value: object) -> float:
+    """``value`` as a finite float, else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
 def check_threads(threads: object) -> int | None:

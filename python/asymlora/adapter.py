@@ -18,6 +18,7 @@ import numpy as np
 
 from asymlora import _native
 from asymlora._dtypes import NUMPY_TO_SAFETENSORS, from_raw
+from asymlora._validate import check_finite, check_uint
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -41,6 +42,15 @@ class ModuleConfig:
     rank: int | None = None
     alpha: float | None = None
 
+    def check(self, name: str) -> None:
+        """Raises ``ValueError`` naming the module and field of a bad value."""
+        for field_name in ("d_in", "d_out", "stream"):
+            check_uint(f"module {name!r}: {field_name}", getattr(self, field_name))
+        if self.rank is not None:
+            check_uint(f"module {name!r}: rank", self.rank, minimum=1)
+        if self.alpha is not None:
+            check_finite(f"module {name!r}: alpha", self.alpha)
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -56,6 +66,16 @@ class AdapterConfig:
     a_gain: float = 1.0
     full_tensors: tuple[str, ...] = ()
     base_model: dict[str, Any] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        check_uint("config.rank", self.rank, minimum=1)
+        check_finite("config.alpha", self.alpha)
+        check_uint("config.seed", self.seed)
+        check_finite("config.a_gain", self.a_gain)
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"config.scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        for name, module in self.modules.items():
+            module.check(name)
 
     def module_rank(self, module: str) -> int:
         m = self.modules[module]
@@ -81,7 +101,7 @@ class AdapterConfig:
         data["full_tensors"] = list(self.full_tensors)
         if self.base_model is None:
             del data["base_model"]
-        return json.dumps(data)
+        return json.dumps(data, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> AdapterConfig:
@@ -176,11 +196,9 @@ def write_adapter(path: PathLike, config: AdapterConfig, tensors: Mapping[str, A
     ``a_stored``, and the ``full_tensors``) to arrays of float64, float32, float16
     or ``ml_dtypes.bfloat16``. Nothing is written if validation fails.
     """
-    if config.scaling not in SCALINGS:
-        raise ValueError(f"config.scaling must be one of {SCALINGS}, got {config.scaling!r}")
     raw = []
     for name, value in tensors.items():
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value, order="C")  # unlike ascontiguousarray, keeps 0-d shapes
         code = NUMPY_TO_SAFETENSORS.get(array.dtype)
         if code is None:
             raise ValueError(

@@ -171,6 +171,20 @@ def print_report(report: dict) -> None:
     print(f"result            {'OK' if report['ok'] else 'FAILED'}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="asymlora demo",
@@ -183,9 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=Path("asymlora-demo"),
         help="output directory (default: ./asymlora-demo)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="adapter seed (default: 0)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
-    parser.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (default: 32)")
+    parser.add_argument("--seed", type=_seed, default=0, help="adapter seed (default: 0)")
+    parser.add_argument(
+        "--rank", type=_positive_int, default=16, help="LoRA rank, at most 4096 (default: 16)"
+    )
+    parser.add_argument(
+        "--layers", type=_positive_int, default=LAYERS, help="decoder layers (default: 32)"
+    )
     args = parser.parse_args(argv)
+    if args.rank > HIDDEN:
+        parser.error(f"argument --rank: at most {HIDDEN} (the smallest d_in), got {args.rank}")
     report = run(args.out, rank=args.rank, seed=args.seed, layers=args.layers)
     return 0 if report["ok"] else 1

@@ -90,10 +90,10 @@ impl OrthogonalSpec {
                 ),
             ));
         }
-        if !self.gain.is_finite() {
+        if !self.gain.is_finite() || self.gain == 0.0 {
             return Err(Error::invalid(
                 "gain",
-                format!("gain must be finite, got {}", self.gain),
+                format!("gain must be finite and non-zero, got {}", self.gain),
             ));
         }
         Ok(())
@@ -155,6 +155,8 @@ mod tests {
         assert!(err.to_string().contains("`r`"));
         let err = random_orthogonal(&OrthogonalSpec::new(5, 4, 0, 0), Dtype::F32).unwrap_err();
         assert!(err.to_string().contains("exceeds d_in 4"));
+        let err = random_orthogonal(&OrthogonalSpec::new(1, 4, 0, 0).with_gain(0.0), Dtype::F32).unwrap_err();
+        assert!(err.to_string().contains("non-zero"));
         let err = random_orthogonal(&OrthogonalSpec::new(1, 4, 0, 0).with_gain(f64::NAN), Dtype::F32).unwrap_err();
         assert!(err.to_string().contains("`gain`"));
     }

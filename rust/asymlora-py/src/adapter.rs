@@ -114,11 +114,11 @@ fn write_adapter(
     config_json: &str,
     tensors: Vec<(String, String, Vec<usize>, PyBackedBytes)>,
 ) -> PyResult<()> {
-    let config: AdapterConfig = serde_json::from_str(config_json).map_err(|e| {
+    let config = AdapterConfig::from_json(config_json).map_err(|message| {
         to_py(Error::AdapterFormat {
             path: path.display().to_string(),
             location: "config".into(),
-            message: e.to_string(),
+            message,
         })
     })?;
     let mut owned = BTreeMap::new();

@@ -43,6 +43,15 @@ fn one() -> f64 {
     1.0
 }
 
+/// Reads an optional field where `null` means "absent", like a missing key.
+fn null_as_default<'de, D: serde::Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+fn null_as_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(1.0))
+}
+
 fn is_one(x: &f64) -> bool {
     *x == 1.0
 }
@@ -74,7 +83,7 @@ pub struct ModuleConfig {
 pub struct AdapterConfig {
     pub rank: usize,
     pub alpha: f64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub scaling: Scaling,
     pub seed: u64,
     /// Name of the generator of non-stored `A`s (e.g. `haar-v1`).
@@ -82,11 +91,11 @@ pub struct AdapterConfig {
     /// Dtype regenerated `A`s are produced in. A stored `A` keeps its own dtype.
     pub a_dtype: Dtype,
     /// Factor applied to every generated `A` before rounding.
-    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[serde(default = "one", skip_serializing_if = "is_one", deserialize_with = "null_as_one")]
     pub a_gain: f64,
     pub modules: BTreeMap<String, ModuleConfig>,
     /// Tensors trained in full (e.g. a classifier head), stored under their own names.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub full_tensors: Vec<String>,
     /// Optional description of the base model the adapter was trained on (a JSON object).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,6 +119,20 @@ impl AdapterConfig {
     /// What determines the regenerated `A` of `module`.
     pub fn a_spec(&self, module: &ModuleConfig) -> OrthogonalSpec {
         OrthogonalSpec::new(self.module_rank(module), module.d_in, self.seed, module.stream).with_gain(self.a_gain)
+    }
+
+    /// Parses a config; an error names the JSON path of the bad field.
+    pub fn from_json(json: &str) -> Result<Self, String> {
+        let de = &mut serde_json::Deserializer::from_str(json);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            match inner.classify() {
+                serde_json::error::Category::Data if path != "." => format!("field {path}: {inner}"),
+                serde_json::error::Category::Data => inner.to_string(),
+                _ => format!("not valid JSON: {inner}"),
+            }
+        })
     }
 
     pub fn to_json(&self) -> String {

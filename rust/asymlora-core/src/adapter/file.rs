@@ -34,6 +34,13 @@ impl AdapterFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // Linux opens a directory fine and only the map fails ("No such device").
+        if file.metadata().map_err(|e| Error::io(&path, e))?.is_dir() {
+            return Err(Error::io(
+                &path,
+                std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+            ));
+        }
         // SAFETY: the map is read-only; like every safetensors reader we assume the
         // file is not truncated by another process while it is open.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;

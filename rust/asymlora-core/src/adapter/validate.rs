@@ -70,12 +70,8 @@ pub(crate) fn config_from_metadata(
     let json = meta
         .get(META_CONFIG)
         .ok_or_else(|| rep.err(format!("__metadata__.{META_CONFIG}"), "missing"))?;
-    serde_json::from_str(json).map_err(|e| {
-        rep.err(
-            format!("__metadata__.{META_CONFIG}"),
-            format!("invalid config JSON: {e}"),
-        )
-    })
+    AdapterConfig::from_json(json)
+        .map_err(|e| rep.err(format!("__metadata__.{META_CONFIG}"), format!("invalid config: {e}")))
 }
 
 /// Checks the config on its own, then against `tensors`.
