@@ -82,12 +82,13 @@ fn make_reflector(x: &mut [f64]) -> Reflector {
     Reflector { tau, r_diag: alpha }
 }
 
-/// Replaces the `d x r` matrix in `data` (column-major, see module docs) by the
-/// `Q` of its thin QR, with column `k` of `Q` negated where `R_kk < 0`. The result
-/// has orthonormal columns and, for Gaussian input, is Haar distributed.
+/// The `Q` of the thin QR of the `d x r` matrix in `data` (column-major, see module
+/// docs), with column `k` of `Q` negated where `R_kk < 0`, in the same layout. The
+/// result has orthonormal columns and, for Gaussian input, is Haar distributed.
+/// `data` is overwritten by the reflectors.
 ///
 /// Requires `1 <= r <= d` and `data.len() == r * d` (checked by the caller).
-pub fn haar_q(data: &mut [f64], d: usize, r: usize) {
+pub fn haar_q(data: &mut [f64], d: usize, r: usize) -> Vec<f64> {
     debug_assert!(r >= 1 && r <= d && data.len() == r * d);
     let mut reflectors = Vec::with_capacity(r);
     for k in 0..r {
@@ -97,8 +98,7 @@ pub fn haar_q(data: &mut [f64], d: usize, r: usize) {
         reflect_columns(rest, d, k, v, h.tau);
         reflectors.push(h);
     }
-    let q = accumulate_q(data, d, r, &reflectors);
-    data.copy_from_slice(&q);
+    accumulate_q(data, d, r, &reflectors)
 }
 
 /// Builds `Q = H_0 H_1 ... H_{r-1} [I_r; 0]` by applying the reflectors backwards
@@ -154,8 +154,7 @@ mod tests {
     fn q_is_orthonormal_and_spans_the_input() {
         let (d, r) = (37, 5);
         let input: Vec<f64> = (0..d * r).map(|i| ((i * 7919) % 101) as f64 / 50.0 - 1.0).collect();
-        let mut q = input.clone();
-        haar_q(&mut q, d, r);
+        let q = haar_q(&mut input.clone(), d, r);
         assert!(gram_error(&q, d, r) < 1e-14);
         // Q^T x_0 is (±||x_0||, 0, ...): the first column lies along Q's first column.
         let x0 = &input[..d];
@@ -167,8 +166,8 @@ mod tests {
     #[test]
     fn square_and_single_column_shapes() {
         for (d, r) in [(1, 1), (4, 4), (9, 1)] {
-            let mut q: Vec<f64> = (0..d * r).map(|i| (i as f64 + 1.0).sin()).collect();
-            haar_q(&mut q, d, r);
+            let mut m: Vec<f64> = (0..d * r).map(|i| (i as f64 + 1.0).sin()).collect();
+            let q = haar_q(&mut m, d, r);
             assert!(gram_error(&q, d, r) < 1e-14, "d={d} r={r}");
         }
     }
@@ -176,9 +175,9 @@ mod tests {
     #[test]
     fn zero_column_does_not_produce_nan() {
         let (d, r) = (4, 2);
-        let mut q = vec![0.0; d * r];
-        q[d + 1] = 3.0;
-        haar_q(&mut q, d, r);
+        let mut m = vec![0.0; d * r];
+        m[d + 1] = 3.0;
+        let q = haar_q(&mut m, d, r);
         assert!(q.iter().all(|x| x.is_finite()));
     }
 }

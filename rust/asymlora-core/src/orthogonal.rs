@@ -116,8 +116,8 @@ pub fn random_orthogonal_f64(spec: &OrthogonalSpec) -> Result<Vec<f64>> {
     spec.validate()?;
     // Rows of G are the columns of G^T, which is the layout `haar_q` expects; its
     // output columns are the columns of Q, i.e. the rows of A = Q^T.
-    let mut a = gaussian_matrix(spec.rank, spec.d_in, spec.seed, spec.stream);
-    haar_q(&mut a, spec.d_in, spec.rank);
+    let mut g = gaussian_matrix(spec.rank, spec.d_in, spec.seed, spec.stream);
+    let mut a = haar_q(&mut g, spec.d_in, spec.rank);
     if spec.gain != 1.0 {
         a.iter_mut().for_each(|x| *x *= spec.gain);
     }
