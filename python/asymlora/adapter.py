@@ -147,6 +147,11 @@ class Adapter:
         return self._native.file_size
 
     @property
+    def classic_lora_size(self) -> int:
+        """Bytes this adapter would take as a classic LoRA file (every ``A`` stored)."""
+        return self._native.classic_lora_size
+
+    @property
     def modules(self) -> list[str]:
         return list(self.config.modules)
 

@@ -120,14 +120,13 @@ def run(out: Path, *, rank: int, seed: int, layers: int) -> dict:
         same = _sha256(adapter.lora_A(name)) == _sha256(many[names.index(name)])
         rows[name.rsplit(".", 1)[-1]]["file_agrees"] &= same
 
-    a_bytes = sum(r * d * 4 for r, d in shapes)
     report = {
         "adapter": str(path),
         "modules": len(names),
         "rank": rank,
         "seed": seed,
         "file_bytes": adapter.file_size,
-        "classic_lora_bytes": adapter.file_size + a_bytes,
+        "classic_lora_bytes": adapter.classic_lora_size,
         "regenerate_seconds_all_threads": seconds_all,
         "regenerate_seconds_one_thread": seconds_one,
         "threads": cores,

@@ -71,6 +71,11 @@ impl PyAdapterFile {
         self.inner.file_size()
     }
 
+    #[getter]
+    fn classic_lora_size(&self) -> u64 {
+        self.inner.classic_lora_size()
+    }
+
     fn tensor_names(&self) -> Vec<String> {
         self.inner.tensor_names().map(str::to_string).collect()
     }

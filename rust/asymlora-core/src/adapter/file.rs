@@ -87,6 +87,19 @@ impl AdapterFile {
         self.mmap.len() as u64
     }
 
+    /// Bytes the same adapter would take with every regenerated `A` stored in
+    /// `a_dtype` (a classic LoRA file), counting tensor data only beyond this file.
+    pub fn classic_lora_size(&self) -> u64 {
+        let c = &self.config;
+        let a_bytes: usize = c
+            .modules
+            .values()
+            .filter(|m| !m.a_stored)
+            .map(|m| c.module_rank(m) * m.d_in * c.a_dtype.size_bytes())
+            .sum();
+        self.file_size() + a_bytes as u64
+    }
+
     /// Every tensor name in the file, sorted.
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)

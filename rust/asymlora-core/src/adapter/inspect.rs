@@ -65,7 +65,6 @@ pub fn render_inspect(file: &AdapterFile) -> String {
         "{:<width$}  {:>13}  {:>4}  {:>6}  {:<6}  B dtype",
         "module", "d_out x d_in", "rank", "stream", "A"
     );
-    let mut a_bytes_if_stored = 0u64;
     for (name, m) in &c.modules {
         let r = c.module_rank(m);
         let b_dtype = file
@@ -79,12 +78,9 @@ pub fn render_inspect(file: &AdapterFile) -> String {
             m.stream,
             if m.a_stored { "stored" } else { "seeded" }
         );
-        if !m.a_stored {
-            a_bytes_if_stored += (r * m.d_in * c.a_dtype.size_bytes()) as u64;
-        }
     }
     let size = file.file_size();
-    let classic = size + a_bytes_if_stored;
+    let classic = file.classic_lora_size();
     let _ = writeln!(out);
     let _ = writeln!(out, "file size   {} ({} bytes)", human_bytes(size), size);
     let _ = writeln!(

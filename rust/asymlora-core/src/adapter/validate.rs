@@ -193,15 +193,7 @@ fn validate_tensors(rep: &Reporter<'_>, config: &AdapterConfig, tensors: &BTreeM
                 format!("lists {full:?}, which the file does not hold"),
             )
         })?;
-        if !FACTOR_DTYPES.contains(&info.dtype) {
-            return Err(rep.err(
-                format!("tensor {full:?}"),
-                format!(
-                    "dtype {:?} is not a floating-point type (F16, BF16, F32, F64)",
-                    info.dtype
-                ),
-            ));
-        }
+        require_float(rep, &format!("tensor {full:?}"), info)?;
         described.insert(full.clone(), Role::Full);
     }
     if let Some(stray) = tensors.keys().find(|t| !described.contains_key(*t)) {
@@ -222,15 +214,7 @@ fn expect_factor(
 ) -> Result<()> {
     let at = format!("module {module:?}: {factor}");
     let info = info.ok_or_else(|| rep.err(&at, format!("tensor {module}.{factor} is missing")))?;
-    if !FACTOR_DTYPES.contains(&info.dtype) {
-        return Err(rep.err(
-            &at,
-            format!(
-                "dtype {:?} is not a floating-point type (F16, BF16, F32, F64)",
-                info.dtype
-            ),
-        ));
-    }
+    require_float(rep, &at, info)?;
     if info.shape != shape {
         return Err(rep.err(
             &at,
@@ -241,6 +225,20 @@ fn expect_factor(
         ));
     }
     Ok(())
+}
+
+/// Factors and full tensors are floating point (F16, BF16, F32, F64).
+fn require_float(rep: &Reporter<'_>, location: &str, info: &TensorInfo) -> Result<()> {
+    if FACTOR_DTYPES.contains(&info.dtype) {
+        return Ok(());
+    }
+    Err(rep.err(
+        location,
+        format!(
+            "dtype {:?} is not a floating-point type (F16, BF16, F32, F64)",
+            info.dtype
+        ),
+    ))
 }
 
 /// The message of an `InvalidArgument`, without the argument prefix.
