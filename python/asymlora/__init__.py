@@ -7,10 +7,58 @@ layer is an optional extra (``pip install asymlora[torch]``).
 """
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from asymlora._native import FORMAT_VERSION, GENERATORS, AdapterFormatError
 from asymlora.adapter import Adapter, AdapterConfig, ModuleConfig, read_adapter, write_adapter
+from asymlora.errors import AdapterMismatchError
+from asymlora.lora_config import LoraConfig
 from asymlora.orthogonal import gaussian_matrix, random_orthogonal, random_orthogonal_many
+
+if TYPE_CHECKING:  # static tools see the lazily loaded names below
+    from asymlora.diagnostics import norm_report
+    from asymlora.interop.peft import export_peft, import_peft
+    from asymlora.nn import (
+        LoraLayer,
+        merge,
+        print_trainable_parameters,
+        trainable_parameters,
+        unmerge,
+        unwrap,
+        wrap,
+    )
+    from asymlora.nn.serialization import load_adapter, save_adapter
+
+# The torch layer loads on first use, so `import asymlora` (and the CLI) never pays
+# for importing torch: name -> module that defines it.
+_TORCH_API = {
+    "LoraLayer": "asymlora.nn",
+    "wrap": "asymlora.nn",
+    "unwrap": "asymlora.nn",
+    "merge": "asymlora.nn",
+    "unmerge": "asymlora.nn",
+    "trainable_parameters": "asymlora.nn",
+    "print_trainable_parameters": "asymlora.nn",
+    "save_adapter": "asymlora.nn.serialization",
+    "load_adapter": "asymlora.nn.serialization",
+    "export_peft": "asymlora.interop.peft",
+    "import_peft": "asymlora.interop.peft",
+    "norm_report": "asymlora.diagnostics",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _TORCH_API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'asymlora' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_TORCH_API))
+
 
 try:
     __version__ = version("asymlora")
@@ -23,11 +71,25 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "AdapterFormatError",
+    "AdapterMismatchError",
+    "LoraConfig",
+    "LoraLayer",
     "ModuleConfig",
     "__version__",
+    "export_peft",
     "gaussian_matrix",
+    "import_peft",
+    "load_adapter",
+    "merge",
+    "norm_report",
+    "print_trainable_parameters",
     "random_orthogonal",
     "random_orthogonal_many",
     "read_adapter",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge",
+    "unwrap",
+    "wrap",
     "write_adapter",
 ]

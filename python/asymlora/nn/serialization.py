@@ -1,0 +1,318 @@
+"""Saving a wrapped model's adapter (format v1) and loading one into a model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from asymlora.adapter import (
+    Adapter,
+    AdapterConfig,
+    ModuleConfig,
+    PathLike,
+    read_adapter,
+    write_adapter,
+)
+from asymlora.errors import AdapterMismatchError
+from asymlora.lora_config import LoraConfig
+from asymlora.nn.layer import LoraLayer
+from asymlora.nn.tensors import to_numpy, to_torch
+from asymlora.nn.wrap import (
+    CONFIG_ATTR,
+    config_of,
+    is_wrapped,
+    linear_shape,
+    lora_layers,
+    master_dtype,
+    replace_module,
+)
+from asymlora.orthogonal import random_orthogonal_many
+
+
+def save_adapter(model: nn.Module, path: PathLike) -> None:
+    """Writes the adapter of a wrapped model to ``path`` (format v1, atomic).
+
+    Stores ``B`` of every adapted layer, ``A`` only where the generator cannot rebuild
+    it (trained, Kaiming-initialised or imported), and the full weights of
+    ``modules_to_save``. A frozen orthogonal ``A`` costs 8 bytes of seed in the file.
+    """
+    config = config_of(model)
+    layers = lora_layers(model)
+    modules: dict[str, ModuleConfig] = {}
+    tensors: dict[str, np.ndarray] = {}
+    for name, layer in layers:
+        rank, alpha = config.rank_for(name), config.alpha_for(name)
+        modules[name] = ModuleConfig(
+            d_in=layer.d_in,
+            d_out=layer.d_out,
+            stream=layer.stream,
+            a_stored=not layer.a_regenerated,
+            rank=None if rank == config.r else rank,
+            alpha=None if alpha == config.alpha else alpha,
+        )
+        tensors[f"{name}.lora_B"] = to_numpy(layer.lora_B)
+        if not layer.a_regenerated:
+            tensors[f"{name}.lora_A"] = to_numpy(layer.lora_A)
+    full = _saved_tensors(model, config)
+    tensors.update({k: to_numpy(v) for k, v in full.items()})
+    adapter_config = AdapterConfig(
+        rank=config.r,
+        alpha=config.alpha,
+        seed=config.seed,
+        modules=modules,
+        scaling=config.scaling,
+        a_dtype="float32",
+        full_tensors=tuple(full),
+        base_model=_describe(model, layers),
+    )
+    write_adapter(path, adapter_config, tensors)
+
+
+def load_adapter(
+    model: nn.Module, path: PathLike, *, is_trainable: bool = False, threads: int | None = None
+) -> nn.Module:
+    """Loads the adapter at ``path`` into ``model`` and returns the model.
+
+    A plain base model is wrapped with the adapter's modules; a model already wrapped
+    must have the same adapted modules, ranks and (for regenerated ``A``) seed and
+    streams, and gets the file's factors. Regenerated ``A`` are rebuilt bit for bit, so
+    the outputs equal those of the model that was saved. With ``is_trainable`` the
+    loaded factors are trainable (``B``, and ``A`` where stored); otherwise frozen.
+
+    Raises:
+        AdapterMismatchError: the adapter does not fit ``model``; the model is unchanged.
+        AdapterFormatError: the file is not a valid v1 adapter.
+    """
+    adapter = read_adapter(path)
+    if is_wrapped(model):
+        _load_into_wrapped(model, adapter)
+    else:
+        _wrap_from_adapter(model, adapter, is_trainable=is_trainable, threads=threads)
+    return model
+
+
+@dataclass(frozen=True)
+class _Placement:
+    name: str
+    module: nn.Module
+    fan_in_fan_out: bool
+
+
+def _wrap_from_adapter(
+    model: nn.Module, adapter: Adapter, *, is_trainable: bool, threads: int | None
+) -> None:
+    cfg = adapter.config
+    placements = _place(model, adapter)
+    full = _check_full_tensors(model, adapter)
+    a_factors = _a_factors(adapter, threads)
+    layers = []
+    for place in placements:
+        m = cfg.modules[place.name]
+        weight = place.module.weight
+        a = a_factors[place.name]
+        a = a.to(master_dtype(weight.dtype) if m.a_stored and is_trainable else weight.dtype)
+        b = to_torch(adapter.lora_B(place.name)).to(master_dtype(weight.dtype))
+        layers.append(
+            LoraLayer(
+                place.module,
+                a.to(weight.device),
+                b.to(weight.device),
+                scale=cfg.scale(place.name),
+                stream=m.stream,
+                train_A=is_trainable and m.a_stored,
+                train_B=is_trainable,
+                a_regenerated=not m.a_stored,
+                fan_in_fan_out=place.fan_in_fan_out,
+            )
+        )
+    # Everything is checked; from here on the model changes.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for place, layer in zip(placements, layers):
+        replace_module(model, place.name, layer)
+    _copy_full_tensors(model, full, trainable=is_trainable)
+    setattr(model, CONFIG_ATTR, _config_from(adapter, is_trainable))
+
+
+def _load_into_wrapped(model: nn.Module, adapter: Adapter) -> None:
+    cfg = adapter.config
+    config = config_of(model)
+    layers = dict(lora_layers(model))
+    problems = []
+    if set(layers) != set(cfg.modules):
+        missing = sorted(set(cfg.modules) - set(layers))
+        extra = sorted(set(layers) - set(cfg.modules))
+        problems.append(
+            f"adapted modules differ: only in the adapter {missing[:5]}, "
+            f"only in the model {extra[:5]}"
+        )
+    for name in sorted(set(layers) & set(cfg.modules)):
+        layer, m = layers[name], cfg.modules[name]
+        if (layer.rank, layer.d_in, layer.d_out) != (cfg.module_rank(name), m.d_in, m.d_out):
+            problems.append(
+                f"{name}: model has rank {layer.rank}, {layer.d_out}x{layer.d_in}; "
+                f"adapter has rank {cfg.module_rank(name)}, {m.d_out}x{m.d_in}"
+            )
+        elif layer.scale != cfg.scale(name):
+            problems.append(
+                f"{name}: model scale {layer.scale:g} != adapter scale {cfg.scale(name):g}"
+            )
+        elif m.a_stored and layer.a_regenerated:
+            problems.append(
+                f"{name}: the adapter stores a trained A but the model regenerates A; "
+                "load into a fresh model"
+            )
+        elif not m.a_stored and not layer.a_regenerated:
+            problems.append(
+                f"{name}: the adapter regenerates A but the model's A is trained; "
+                "load into a fresh model"
+            )
+        elif not m.a_stored and (config.seed, layer.stream) != (cfg.seed, m.stream):
+            problems.append(
+                f"{name}: A differs: model (seed {config.seed}, stream {layer.stream}), "
+                f"adapter (seed {cfg.seed}, stream {m.stream})"
+            )
+    _raise_if(problems, adapter)
+    full = _check_full_tensors(model, adapter)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.lora_B.copy_(to_torch(adapter.lora_B(name)))
+            if cfg.modules[name].a_stored:
+                layer.lora_A.copy_(to_torch(adapter.lora_A(name)))
+    _copy_full_tensors(model, full, trainable=None)
+
+
+def _place(model: nn.Module, adapter: Adapter) -> list[_Placement]:
+    cfg = adapter.config
+    problems = []
+    placements = []
+    for name, m in cfg.modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: no such module in {type(model).__name__}")
+            continue
+        shape = linear_shape(model, name, module)
+        if isinstance(shape, str):
+            problems.append(f"{name}: {shape}")
+        elif shape[:2] != (m.d_in, m.d_out):
+            problems.append(
+                f"{name}: model is {shape[1]}x{shape[0]} (d_out x d_in), adapter {m.d_out}x{m.d_in}"
+            )
+        else:
+            placements.append(_Placement(name, module, shape[2]))
+    _raise_if(problems, adapter)
+    return placements
+
+
+def _a_factors(adapter: Adapter, threads: int | None) -> dict[str, torch.Tensor]:
+    cfg = adapter.config
+    regenerated = [n for n, m in cfg.modules.items() if not m.a_stored]
+    arrays = random_orthogonal_many(
+        [(cfg.module_rank(n), cfg.modules[n].d_in) for n in regenerated],
+        seed=cfg.seed,
+        streams=[cfg.modules[n].stream for n in regenerated],
+        dtype=cfg.a_dtype,
+        gain=cfg.a_gain,
+        threads=threads,
+    )
+    factors = {n: to_torch(a) for n, a in zip(regenerated, arrays)}
+    for name, m in cfg.modules.items():
+        if m.a_stored:
+            factors[name] = to_torch(adapter.lora_A(name))
+    return factors
+
+
+def _check_full_tensors(model: nn.Module, adapter: Adapter) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    problems = []
+    full = {}
+    for name in adapter.config.full_tensors:
+        value = to_torch(adapter.tensors[name])
+        target = state.get(name)
+        if target is None:
+            problems.append(
+                f"full tensor {name}: no such parameter or buffer in {type(model).__name__}"
+            )
+        elif tuple(target.shape) != tuple(value.shape):
+            problems.append(
+                f"full tensor {name}: model shape {tuple(target.shape)}, "
+                f"adapter {tuple(value.shape)}"
+            )
+        else:
+            full[name] = value
+    _raise_if(problems, adapter)
+    return full
+
+
+def _copy_full_tensors(
+    model: nn.Module, full: Mapping[str, torch.Tensor], *, trainable: bool | None
+) -> None:
+    if not full:
+        return
+    owned = dict(model.named_parameters())
+    owned.update(dict(model.named_buffers()))
+    with torch.no_grad():
+        for name, value in full.items():
+            target = owned[name]
+            target.copy_(value.to(target.dtype))
+            if trainable is not None and isinstance(target, nn.Parameter):
+                target.requires_grad_(trainable)
+
+
+def _saved_tensors(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:
+    full: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if name and config.saves(name):
+            for key, value in module.state_dict().items():
+                if value.is_floating_point():
+                    full[f"{name}.{key}"] = value
+    return full
+
+
+def _config_from(adapter: Adapter, is_trainable: bool) -> LoraConfig:
+    cfg = adapter.config
+    names = list(cfg.modules)
+    any_stored = any(m.a_stored for m in cfg.modules.values())
+    exact = {re.escape(n): n for n in names}
+    return LoraConfig(
+        r=cfg.rank,
+        alpha=cfg.alpha,
+        target_modules=tuple(names),
+        train=("AB" if any_stored else "B") if is_trainable else "B",
+        seed=cfg.seed,
+        rslora=cfg.scaling == "alpha/sqrt(r)",
+        modules_to_save=tuple(sorted({t.rpartition(".")[0] for t in cfg.full_tensors})),
+        rank_pattern={
+            k: cfg.module_rank(n) for k, n in exact.items() if cfg.modules[n].rank is not None
+        },
+        alpha_pattern={
+            k: cfg.modules[n].alpha for k, n in exact.items() if cfg.modules[n].alpha is not None
+        },
+    )
+
+
+def _describe(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> dict[str, object]:
+    # Informational (format v1 does not interpret base_model); PEFT export reads
+    # fan_in_fan_out to mark GPT-2 style Conv1D weights.
+    description: dict[str, object] = {"class": type(model).__name__}
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if name_or_path:
+        description["name_or_path"] = str(name_or_path)
+    description["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in layers)
+    return description
+
+
+def _raise_if(problems: list[str], adapter: Adapter) -> None:
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise AdapterMismatchError(
+            f"adapter {adapter.path} does not fit this model ({len(problems)} problem(s)); "
+            f"nothing was changed:\n  {shown}{more}"
+        )
