@@ -376,3 +376,24 @@ fn owned_tensor_checks_its_byte_count() {
         .to_string();
     assert!(err.contains("\"x\"") && err.contains("expected 24"), "{err}");
 }
+
+#[test]
+fn the_same_adapter_is_written_to_the_same_bytes() {
+    // safetensors writes its metadata map in a random order; ours is sorted.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, tensors) = sample();
+    let mut files = Vec::new();
+    for i in 0..6 {
+        let path = dir.path().join(format!("a{i}.safetensors"));
+        write_adapter(&path, &config, &tensors).unwrap();
+        files.push(std::fs::read(&path).unwrap());
+    }
+    assert!(files.iter().all(|f| f == &files[0]));
+    let header_len = u64::from_le_bytes(files[0][..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&files[0][8..8 + header_len]).unwrap();
+    let format = header.find("\"format\"").unwrap();
+    let config_key = header.find("\"asymlora_config\"").unwrap();
+    let version = header.find("\"format_version\"").unwrap();
+    assert!(config_key < format && format < version, "{header}");
+    AdapterFile::open(dir.path().join("a0.safetensors")).unwrap();
+}

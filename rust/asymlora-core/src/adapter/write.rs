@@ -54,6 +54,38 @@ impl View for &OwnedTensor {
     }
 }
 
+/// Rewrites the JSON header of a serialised safetensors file with its keys sorted.
+///
+/// safetensors keeps `__metadata__` in a `HashMap` and writes it in that map's
+/// per-process random order, so the same adapter would get different bytes (and
+/// hashes) from run to run. Sorting changes no token, so the header keeps its length
+/// and padding, and every offset stays valid.
+fn with_sorted_header(mut bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    let len_bytes: [u8; 8] = bytes[..8].try_into().expect("serialised file has a header length");
+    let header_len = u64::from_le_bytes(len_bytes) as usize;
+    let header = &bytes[8..8 + header_len];
+    let parsed: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("cannot re-read the header: {e}"))?;
+    let sorted: BTreeMap<&String, serde_json::Value> = parsed.iter().map(|(k, v)| (k, sort_keys(v))).collect();
+    let mut text = serde_json::to_vec(&sorted).map_err(|e| format!("cannot write the header: {e}"))?;
+    if text.len() > header_len {
+        return Err(format!("sorted header grew from {header_len} to {} bytes", text.len()));
+    }
+    text.resize(header_len, b' '); // safetensors pads the header with spaces
+    bytes[8..8 + header_len].copy_from_slice(&text);
+    Ok(bytes)
+}
+
+fn sort_keys(value: &serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let sorted: BTreeMap<&String, serde_json::Value> = map.iter().map(|(k, v)| (k, sort_keys(v))).collect();
+            serde_json::to_value(sorted).expect("a map of JSON values serialises")
+        }
+        other => other.clone(),
+    }
+}
+
 /// Validates `config` against `tensors` and writes the adapter to `path` atomically.
 pub fn write_adapter(
     path: impl AsRef<Path>,
@@ -74,6 +106,7 @@ pub fn write_adapter(
     .into();
     let bytes = safetensors::serialize(tensors.iter(), Some(metadata))
         .map_err(|e| rep.err("safetensors", format!("cannot serialise: {e}")))?;
+    let bytes = with_sorted_header(bytes).map_err(|e| rep.err("safetensors", e))?;
 
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
