@@ -159,6 +159,14 @@ def test_all_linear_skips_the_output_head_and_modules_to_save():
     assert len(names) == 14 and "lm_head" not in names
 
 
+@pytest.mark.parametrize("saved", ["q_proj", "layers.1", "self_attn"])
+def test_modules_to_save_may_not_overlap_adapters(saved):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="overlap adapted modules"):
+        asymlora.wrap(model, LoraConfig(target_modules=["q_proj"], modules_to_save=[saved]))
+    assert not asymlora.nn.is_wrapped(model)
+
+
 def test_modules_to_save_stay_trainable():
     model = tiny_llama()
     asymlora.wrap(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))

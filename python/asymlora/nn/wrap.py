@@ -298,10 +298,20 @@ def _modules_to_save(model: nn.Module, config: LoraConfig, targeted: set[str]) -
     ]
     if missing:
         raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
-    clash = [n for n, _ in found if n in targeted]
+    # A saved module is stored in full; it cannot also hold (or sit inside) an adapter.
+    clash = sorted(
+        f"{n} / {t}" for n, _ in found for t in targeted if _nested(n, t) or _nested(t, n)
+    )
     if clash:
-        raise ValueError(f"modules {clash} are both adapted and in modules_to_save; choose one")
+        raise ValueError(
+            f"modules_to_save overlap adapted modules ({', '.join(clash[:5])}); "
+            "a module is either adapted or saved in full"
+        )
     return [m for _, m in found]
+
+
+def _nested(outer: str, inner: str) -> bool:
+    return inner == outer or inner.startswith(outer + ".")
 
 
 def _initial_a(
