@@ -707,9 +707,9 @@ def test_refuses_malformed_safetensors(plain_peft_dir, tmp_path):
     peft_dir = _copy(plain_peft_dir, tmp_path)
     weights = peft_dir / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
-    _refused(peft_dir, tmp_path, "not a valid safetensors file: tensor .* malformed")
+    _refused(peft_dir, tmp_path, "not a valid safetensors file: incomplete metadata")
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
-    _refused(peft_dir, tmp_path, "not a valid safetensors file: header is not JSON")
+    _refused(peft_dir, tmp_path, "not a valid safetensors file: invalid JSON in header")
 
 
 def test_refuses_missing_and_non_peft_dirs(tmp_path):

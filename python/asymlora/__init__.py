@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from asymlora._native import FORMAT_VERSION, GENERATORS, AdapterFormatError
 from asymlora.adapter import Adapter, AdapterConfig, ModuleConfig, read_adapter, write_adapter
-from asymlora.errors import AdapterMismatchError
+from asymlora.errors import AdapterMismatchError, SafetensorsError
 from asymlora.lora_config import LoraConfig
 from asymlora.orthogonal import gaussian_matrix, random_orthogonal, random_orthogonal_many
 
@@ -75,6 +75,7 @@ __all__ = [
     "LoraConfig",
     "LoraLayer",
     "ModuleConfig",
+    "SafetensorsError",
     "__version__",
     "export_peft",
     "gaussian_matrix",

@@ -11,6 +11,9 @@ FORMAT_VERSION: str
 class AdapterFormatError(ValueError):
     """An adapter file or config is malformed; the message names the module and field."""
 
+class SafetensorsError(ValueError):
+    """A file is not a valid safetensors file (header, offsets or sizes are wrong)."""
+
 _RawTensor = tuple[str, list[int], bytearray]
 
 def random_orthogonal(
@@ -50,6 +53,21 @@ class AdapterFile:
 def write_adapter(
     path: str | PathLike[str],
     config_json: str,
+    tensors: list[tuple[str, str, list[int], bytes]],
+) -> None: ...
+
+class SafetensorsFile:
+    def __init__(self, path: str | PathLike[str]) -> None: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def metadata(self) -> dict[str, str]: ...
+    def infos(self) -> dict[str, tuple[str, list[int]]]: ...
+    def tensor(self, name: str) -> _RawTensor: ...
+
+def write_safetensors(
+    path: str | PathLike[str],
+    metadata: dict[str, str],
     tensors: list[tuple[str, str, list[int], bytes]],
 ) -> None: ...
 def cli_main(argv: list[str], python_commands: str = "") -> int: ...

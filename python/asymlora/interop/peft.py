@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from asymlora._dtypes import NUMPY_TO_SAFETENSORS, SAFETENSORS_TO_NUMPY
+from asymlora._dtypes import SAFETENSORS_TO_NUMPY
+from asymlora._safetensors import SafetensorsFile, write_safetensors
 from asymlora.adapter import AdapterConfig, ModuleConfig, PathLike, read_adapter, write_adapter
 
 __all__ = ["export_peft", "import_peft"]
@@ -159,7 +160,7 @@ def export_peft(
     def write(directory: Path) -> None:
         text = json.dumps(peft_config, indent=2, sort_keys=True, allow_nan=False) + "\n"
         _write_file(directory / CONFIG_NAME, text.encode())
-        _write_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        write_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
 
     _publish(out, overwrite, write)
     return out
@@ -334,7 +335,7 @@ def import_peft(peft_dir: PathLike, path: PathLike, *, seed: int = 0) -> Path:
     config = _read_peft_config(src)
     _check_supported(config, src)
     weights = _weights_file(src)
-    st = _SafetensorsFile(weights)
+    st = SafetensorsFile(weights)
 
     rank = _config_int(config, "r", 8, src)
     alpha = _config_float(config, "lora_alpha", 8.0, src)
@@ -388,7 +389,7 @@ def import_peft(peft_dir: PathLike, path: PathLike, *, seed: int = 0) -> Path:
 
 
 def _classify_keys(
-    st: _SafetensorsFile, saved_targets: list[str]
+    st: SafetensorsFile, saved_targets: list[str]
 ) -> tuple[dict[str, _Factors], dict[str, str], list[str], list[str]]:
     """Sorts the file's tensors into LoRA factors per module, full tensors
     (``{state-dict name: key}``), skipped integer tensors and problems."""
@@ -433,7 +434,7 @@ def _classify_keys(
 
 
 def _module_configs(
-    st: _SafetensorsFile,
+    st: SafetensorsFile,
     factors: Mapping[str, _Factors],
     rank: int,
     alpha: float,
@@ -627,113 +628,6 @@ def _natural_key(name: str) -> list[Any]:
 # --------------------------------------------------------------------------- safetensors
 
 _INTEGER_CODES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
-_MAX_HEADER = 100_000_000  # the limit of the safetensors library
-
-
-@dataclass(frozen=True)
-class _Entry:
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-class _SafetensorsFile:
-    """A minimal safetensors reader: the header on open, tensors on :meth:`read`.
-
-    Float tensors (F16, BF16, F32, F64) come back as numpy arrays with the file's bits
-    (bf16 as ``ml_dtypes.bfloat16``); other dtypes are listed but not read.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                self._bad("shorter than its 8-byte header length")
-            header_len = int.from_bytes(head, "little")
-            if header_len > min(size - 8, _MAX_HEADER):
-                self._bad(f"header length {header_len} exceeds the file")
-            try:
-                header = json.loads(f.read(header_len).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                self._bad(f"header is not JSON ({exc})")
-        if not isinstance(header, dict):
-            self._bad("header is not a JSON object")
-        self.data_start = 8 + header_len
-        data_len = size - self.data_start
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.entries: dict[str, _Entry] = {}
-        for name, info in header.items():
-            try:
-                dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-                ok = (
-                    isinstance(dtype, str)
-                    and all(isinstance(d, int) and d >= 0 for d in shape)
-                    and isinstance(start, int)
-                    and isinstance(end, int)
-                    and 0 <= start <= end <= data_len
-                )
-            except (KeyError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                self._bad(f"tensor {name!r} has a malformed header entry {info!r}")
-            np_dtype = SAFETENSORS_TO_NUMPY.get(dtype)
-            if np_dtype is not None and end - start != math.prod(shape) * np_dtype.itemsize:
-                self._bad(f"tensor {name!r}: data size {end - start} does not match {shape}")
-            self.entries[name] = _Entry(dtype, tuple(shape), start, end)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.entries)
-
-    def read(self, names: Mapping[str, str]) -> dict[str, np.ndarray]:
-        """``{our name: array}`` for ``{our name: tensor name in the file}`` (float tensors)."""
-        out = {}
-        with open(self.path, "rb") as f:
-            for ours, name in names.items():
-                entry = self.entries[name]
-                f.seek(self.data_start + entry.start)
-                data = f.read(entry.end - entry.start)
-                if len(data) != entry.end - entry.start:
-                    self._bad(f"tensor {name!r} is truncated")
-                dtype = SAFETENSORS_TO_NUMPY[entry.dtype]
-                out[ours] = np.frombuffer(data, dtype=dtype).reshape(entry.shape)
-        return out
-
-    def _bad(self, why: str) -> None:
-        raise ValueError(f"{self.path} is not a valid safetensors file: {why}")
-
-
-def _write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: dict[str, str]) -> None:
-    """Writes ``tensors`` (float numpy arrays) as a safetensors file, as the library lays it
-    out: tensors sorted by decreasing alignment then name, the header padded with spaces
-    to 8 bytes, so every tensor is aligned."""
-    arrays = {name: np.asarray(value, order="C") for name, value in tensors.items()}
-    order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name in order:
-        array = arrays[name]
-        code = NUMPY_TO_SAFETENSORS.get(array.dtype)
-        if code is None:
-            raise ValueError(f"tensor {name!r} has dtype {array.dtype}, not a float dtype")
-        header[name] = {
-            "dtype": code,
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
-        }
-        offset += array.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for name in order:
-            f.write(arrays[name].tobytes())
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _write_file(path: Path, data: bytes) -> None:

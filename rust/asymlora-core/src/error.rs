@@ -18,6 +18,10 @@ pub enum Error {
         message: String,
     },
 
+    /// A file is not a valid safetensors file (bad header, offsets, sizes).
+    #[error("{path}: not a valid safetensors file: {message}")]
+    Safetensors { path: String, message: String },
+
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -30,6 +34,13 @@ impl Error {
     pub fn invalid(name: &'static str, message: impl Into<String>) -> Self {
         Error::InvalidArgument {
             name,
+            message: message.into(),
+        }
+    }
+
+    pub fn safetensors(path: impl AsRef<std::path::Path>, message: impl Into<String>) -> Self {
+        Error::Safetensors {
+            path: path.as_ref().display().to_string(),
             message: message.into(),
         }
     }

@@ -4,12 +4,14 @@
 //! * [`householder`] — deterministic thin QR with the Haar sign fix.
 //! * [`orthogonal`] — seeded random-orthogonal `A` factors (single and batched).
 //! * [`dtype`] — the output dtypes and their one-time rounding from `f64`.
+//! * [`io`] — safetensors files: mapped reading, atomic writing with reproducible bytes.
 //! * [`adapter`] — the seed-plus-B adapter file format v1 (read, validate, write, inspect).
 
 pub mod adapter;
 pub mod dtype;
 pub mod error;
 pub mod householder;
+pub mod io;
 pub mod orthogonal;
 pub mod prng;
 

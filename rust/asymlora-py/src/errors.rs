@@ -13,8 +13,16 @@ pyo3::create_exception!(
     "An adapter file or config is malformed or inconsistent; the message names the module and field."
 );
 
+pyo3::create_exception!(
+    asymlora,
+    SafetensorsError,
+    PyValueError,
+    "A file is not a valid safetensors file (header, offsets or sizes are wrong)."
+);
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("AdapterFormatError", m.py().get_type::<AdapterFormatError>())
+    m.add("AdapterFormatError", m.py().get_type::<AdapterFormatError>())?;
+    m.add("SafetensorsError", m.py().get_type::<SafetensorsError>())
 }
 
 /// Converts a core error into the matching Python exception.
@@ -23,6 +31,7 @@ pub fn to_py(err: Error) -> PyErr {
     match err {
         Error::InvalidArgument { .. } => PyValueError::new_err(message),
         Error::AdapterFormat { .. } => AdapterFormatError::new_err(message),
+        Error::Safetensors { .. } => SafetensorsError::new_err(message),
         Error::Io { source, .. } => match source.kind() {
             ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
             ErrorKind::PermissionDenied => PyPermissionError::new_err(message),

@@ -4,6 +4,7 @@
 mod adapter;
 mod errors;
 mod orthogonal;
+mod safetensors_io;
 
 use pyo3::prelude::*;
 
@@ -20,6 +21,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     orthogonal::register(m)?;
     adapter::register(m)?;
+    safetensors_io::register(m)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add("GENERATORS", asymlora_core::Generator::ALL.map(|g| g.name()).to_vec())?;
     m.add("FORMAT_VERSION", asymlora_core::adapter::FORMAT_VERSION)?;

@@ -10,13 +10,14 @@ mod inspect;
 mod validate;
 mod write;
 
+pub use crate::io::OwnedTensor;
 pub use config::{
     AdapterConfig, ModuleConfig, Scaling, FORMAT_NAME, FORMAT_VERSION, META_CONFIG, META_FORMAT, META_VERSION,
 };
 pub use file::{AdapterFile, FactorA};
 pub use inspect::render_inspect;
 pub use validate::TensorInfo;
-pub use write::{write_adapter, OwnedTensor};
+pub use write::write_adapter;
 
 /// Tensor name of a module's `B` factor.
 pub fn lora_b_name(module: &str) -> String {

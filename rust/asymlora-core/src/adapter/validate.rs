@@ -10,12 +10,7 @@ use super::{lora_a_name, lora_b_name};
 use crate::error::{Error, Result};
 use crate::orthogonal::Generator;
 
-/// Dtype and shape of one tensor, wherever it lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TensorInfo {
-    pub dtype: StDtype,
-    pub shape: Vec<usize>,
-}
+pub use crate::io::TensorInfo;
 
 const FACTOR_DTYPES: [StDtype; 4] = [StDtype::F16, StDtype::BF16, StDtype::F32, StDtype::F64];
 
@@ -35,11 +30,8 @@ impl Reporter<'_> {
 }
 
 /// Reads and checks `format`, `format_version` and the JSON config from `__metadata__`.
-pub(crate) fn config_from_metadata(
-    rep: &Reporter<'_>,
-    metadata: Option<&HashMap<String, String>>,
-) -> Result<AdapterConfig> {
-    let meta = metadata.ok_or_else(|| {
+pub(crate) fn config_from_metadata(rep: &Reporter<'_>, metadata: &BTreeMap<String, String>) -> Result<AdapterConfig> {
+    let meta = Some(metadata).filter(|m| !m.is_empty()).ok_or_else(|| {
         rep.err(
             "__metadata__",
             "missing: not an asymlora adapter (a PEFT adapter or a plain checkpoint has no asymlora metadata)",
