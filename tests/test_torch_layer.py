@@ -224,6 +224,17 @@ def test_forward_and_gradients_match_a_dense_float64_reference(train):
     assert layer.base_layer.weight.grad is None
 
 
+def test_a_hook_on_the_base_layer_sees_the_base_output():
+    model, layer = single_layer()
+    randomize_b(model)
+    x = torch.randn(3, 48)
+    seen = {}
+    layer.base_layer.register_forward_hook(lambda m, a, out: seen.update(y=out))
+    y = model(x)
+    torch.testing.assert_close(seen["y"], layer.base_layer(x))
+    assert not torch.equal(y, seen["y"])
+
+
 def saved_activation_bytes(module, x) -> tuple[int, list[tuple[int, ...]]]:
     """Bytes of tensors autograd saves for backward in ``module(x)``, weights excluded."""
     shapes: list[tuple[int, ...]] = []
