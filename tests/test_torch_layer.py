@@ -10,40 +10,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from _models import LLAMA_TARGETS, tiny_gpt2, tiny_llama  # noqa: E402
 from torch import nn  # noqa: E402
 
 import asymlora  # noqa: E402
 from asymlora import LoraConfig, LoraLayer  # noqa: E402
 from asymlora.nn import lora_layers  # noqa: E402
-
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama(seed: int = 0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return transformers.LlamaForCausalLM(config).to(dtype)
-
-
-def tiny_gpt2(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        vocab_size=64,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(config).eval()  # eval: no dropout between calls
 
 
 def randomize_b(model, seed: int = 1) -> None:

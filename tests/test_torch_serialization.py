@@ -12,25 +12,17 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from _models import LLAMA_TARGETS, tiny_llama  # noqa: E402
+
 import asymlora  # noqa: E402
 from asymlora import AdapterMismatchError, LoraConfig  # noqa: E402
 from asymlora.nn import lora_layers  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-)
+TARGETS = LLAMA_TARGETS
 
 
 def base_model(hidden: int = 64):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**CONFIG, "hidden_size": hidden})
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(hidden=hidden)
 
 
 def train(model, steps: int = 3) -> torch.Tensor:

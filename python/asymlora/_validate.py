@@ -31,3 +31,10 @@ def check_threads(threads: object) -> int | None:
     if threads is None:
         return None
     return check_uint("threads", threads, minimum=1)
+
+
+def list_problems(problems: list[str], limit: int = 10) -> str:
+    """The first ``limit`` problems, one per indented line, and how many more there are."""
+    shown = "".join(f"\n  {p}" for p in problems[:limit])
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return shown + more

@@ -35,6 +35,7 @@ import numpy as np
 
 from asymlora._dtypes import SAFETENSORS_TO_NUMPY
 from asymlora._safetensors import SafetensorsFile, write_safetensors
+from asymlora._validate import list_problems
 from asymlora.adapter import AdapterConfig, ModuleConfig, PathLike, read_adapter, write_adapter
 
 __all__ = ["export_peft", "import_peft"]
@@ -350,11 +351,9 @@ def import_peft(peft_dir: PathLike, path: PathLike, *, seed: int = 0) -> Path:
         st, factors, rank, alpha, rank_pattern, alpha_pattern, problems
     )
     if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise ValueError(
             f"{src} cannot be imported ({len(problems)} problem(s)); nothing was written:"
-            f"\n  {shown}{more}"
+            f"{list_problems(problems)}"
         )
     for key in skipped:
         warnings.warn(

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from asymlora._validate import list_problems
 from asymlora.adapter import (
     Adapter,
     AdapterConfig,
@@ -310,9 +311,7 @@ def _describe(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> dict[str
 
 def _raise_if(problems: list[str], adapter: Adapter) -> None:
     if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise AdapterMismatchError(
             f"adapter {adapter.path} does not fit this model ({len(problems)} problem(s)); "
-            f"nothing was changed:\n  {shown}{more}"
+            f"nothing was changed:{list_problems(problems)}"
         )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from asymlora._validate import list_problems
 from asymlora.lora_config import ALL_LINEAR, LoraConfig
 from asymlora.nn.layer import LoraLayer
 from asymlora.nn.tensors import to_torch
@@ -83,9 +84,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
             Target(name, module, d_in, d_out, rank, config.scale_for(name), stream, fan_in_fan_out)
         )
     if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(f"cannot adapt {len(problems)} selected module(s):\n  {shown}{more}")
+        raise ValueError(
+            f"cannot adapt {len(problems)} selected module(s):{list_problems(problems)}"
+        )
     return targets
 
 

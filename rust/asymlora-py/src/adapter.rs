@@ -1,11 +1,10 @@
 //! Adapter-file bindings. Tensors cross as (dtype name, shape, bytearray); the
 //! Python layer wraps them as numpy arrays.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use asymlora_core::adapter::{
-    render_inspect, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, OwnedTensor, TensorInfo,
+    render_inspect, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, TensorInfo,
 };
 use asymlora_core::Error;
 use pyo3::prelude::*;
@@ -14,6 +13,7 @@ use pyo3::types::PyByteArray;
 use safetensors::Dtype as StDtype;
 
 use crate::errors::to_py;
+use crate::safetensors_io::owned_tensors;
 
 type RawTensor = (String, Vec<usize>, Py<PyByteArray>);
 
@@ -126,17 +126,7 @@ fn write_adapter(
             message,
         })
     })?;
-    let mut owned = BTreeMap::new();
-    for (name, dtype, shape, data) in tensors {
-        let dtype = parse_st_dtype(&dtype, &name)?;
-        let tensor = OwnedTensor::new(&name, dtype, shape, data.to_vec()).map_err(to_py)?;
-        if owned.insert(name.clone(), tensor).is_some() {
-            return Err(to_py(Error::invalid(
-                "tensors",
-                format!("tensor {name:?} is given twice"),
-            )));
-        }
-    }
+    let owned = owned_tensors(tensors, parse_st_dtype)?;
     py.detach(|| core_write(&path, &config, &owned)).map_err(to_py)
 }
 

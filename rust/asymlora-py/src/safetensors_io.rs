@@ -92,6 +92,15 @@ fn write_safetensors(
     metadata: BTreeMap<String, String>,
     tensors: Vec<(String, String, Vec<usize>, PyBackedBytes)>,
 ) -> PyResult<()> {
+    let owned = owned_tensors(tensors, parse_dtype)?;
+    py.detach(|| core_write(&path, &owned, &metadata)).map_err(to_py)
+}
+
+/// Tensors given as (name, dtype code, shape, bytes), checked and keyed by name.
+pub fn owned_tensors(
+    tensors: Vec<(String, String, Vec<usize>, PyBackedBytes)>,
+    parse_dtype: impl Fn(&str, &str) -> PyResult<StDtype>,
+) -> PyResult<BTreeMap<String, OwnedTensor>> {
     let mut owned = BTreeMap::new();
     for (name, dtype, shape, data) in tensors {
         let dtype = parse_dtype(&dtype, &name)?;
@@ -103,7 +112,7 @@ fn write_safetensors(
             )));
         }
     }
-    py.detach(|| core_write(&path, &owned, &metadata)).map_err(to_py)
+    Ok(owned)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
