@@ -2,11 +2,15 @@
 //! and the Python console script (through the binding crate), so both behave alike.
 
 use std::ffi::OsString;
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, IsTerminal, Write};
 use std::path::PathBuf;
+use std::time::Instant;
 
 use asymlora_core::adapter::{render_inspect, AdapterFile};
+use asymlora_core::merge::{self, AdapterInput, MergeOptions, MergeReport, Observer, Totals};
+use asymlora_core::{Dtype, Error};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Parser, Debug)]
 #[command(name = "asymlora", version, about = "Asymmetric (seed-plus-B) LoRA adapters")]
@@ -22,6 +26,80 @@ enum Command {
         /// Path to an asymlora adapter (.safetensors).
         adapter: PathBuf,
     },
+    /// Merge adapters into a model checkpoint: W' = W + sum_i w_i * s_i * B_i A_i.
+    #[command(long_about = MERGE_ABOUT)]
+    Merge(MergeArgs),
+    /// Subtract adapters from a merged checkpoint: W' = W - sum_i w_i * s_i * B_i A_i.
+    #[command(long_about = UNMERGE_ABOUT)]
+    Unmerge(MergeArgs),
+}
+
+const MERGE_ABOUT: &str = "\
+Merge adapters into a model checkpoint: W' = W + sum_i w_i * s_i * B_i A_i.
+
+BASE is a .safetensors file (OUT is then a file) or a model directory with
+model.safetensors, or shards and model.safetensors.index.json (OUT is then a
+directory with the same files, the index, and the other files copied: config,
+tokenizer). Each ADAPTER is an asymlora adapter file (A regenerated from its
+seed) or a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors);
+ADAPTER:WEIGHT scales its update (default 1). Several adapters merge as the
+exact weighted sum of their updates.
+
+Each merged weight is computed in float32 (float64 for float32/float64 outputs)
+from its stored dtype and rounded once to the output dtype; every other tensor
+is copied bit for bit. Everything is checked before anything is written; the
+output appears under its name only when complete (Ctrl-C leaves nothing).";
+
+const UNMERGE_ABOUT: &str = "\
+Subtract adapters from a merged checkpoint: W' = W - sum_i w_i * s_i * B_i A_i.
+
+The inverse of `asymlora merge` with the same adapters and weights, up to the
+rounding of the merged weights (a merge rounds once; unmerging rounds again).
+Adapters with full tensors (PEFT modules_to_save) cannot be unmerged.";
+
+#[derive(clap::Args, Debug)]
+struct MergeArgs {
+    /// Base model: a .safetensors file, or a model directory.
+    base: PathBuf,
+    /// asymlora adapter files or PEFT LoRA directories, each optionally with :WEIGHT.
+    #[arg(required = true, value_name = "ADAPTER[:WEIGHT]", value_parser = parse_adapter)]
+    adapters: Vec<AdapterInput>,
+    /// Output file (single-file BASE) or directory (model directory BASE).
+    #[arg(short, long, value_name = "OUT")]
+    out: PathBuf,
+    /// Output dtype of every floating-point tensor (float32, float16, bfloat16); default: each keeps its own.
+    #[arg(long, value_name = "DTYPE", value_parser = parse_dtype)]
+    dtype: Option<Dtype>,
+    /// Worker threads (default: all cores). The result is the same for any number.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// Replace OUT if it exists (a file, or a directory holding only a model).
+    #[arg(long)]
+    force: bool,
+    /// Look adapter module names starting with OLD up as NEW in BASE (repeatable; first match applies).
+    #[arg(long = "prefix-map", value_name = "OLD=NEW", value_parser = parse_prefix)]
+    prefix_map: Vec<(String, String)>,
+    /// Merge adapters holding NaN/Inf values, and keep weights that overflow, instead of refusing.
+    #[arg(long)]
+    allow_nonfinite: bool,
+    /// No progress bar and no summary (warnings and errors are still printed).
+    #[arg(short, long)]
+    quiet: bool,
+    /// Skip the fsync of each output file before the final rename (faster; not durable on power loss).
+    #[arg(long)]
+    no_fsync: bool,
+}
+
+fn parse_adapter(s: &str) -> Result<AdapterInput, String> {
+    AdapterInput::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_dtype(s: &str) -> Result<Dtype, String> {
+    s.parse::<Dtype>().map_err(|e| e.to_string())
+}
+
+fn parse_prefix(s: &str) -> Result<(String, String), String> {
+    merge::parse_prefix_map(s).map_err(|e| e.to_string())
 }
 
 /// Runs the command line on `args` (program name first) and returns the exit code.
@@ -41,6 +119,19 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    run_cancellable(args, extra_help, &|| false)
+}
+
+/// Exit code of a command stopped by [`run_cancellable`]'s `cancelled` (128 + SIGINT).
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Like [`run_with_help`]; long commands (merge) poll `cancelled` and, when it returns
+/// true, stop, remove what they wrote and return [`EXIT_INTERRUPTED`].
+pub fn run_cancellable<I, T>(args: I, extra_help: &str, cancelled: &dyn Fn() -> bool) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
     let mut command = Cli::command();
     if !extra_help.is_empty() {
         command = command.after_help(extra_help.to_string());
@@ -55,22 +146,160 @@ where
             return e.exit_code();
         }
     };
-    match execute(cli.command) {
+    match execute(cli.command, cancelled) {
         Ok(()) => 0,
-        Err(message) => {
+        Err(Failure::Interrupted) => {
+            eprintln!("asymlora: interrupted; nothing was written");
+            EXIT_INTERRUPTED
+        }
+        Err(Failure::Message(message)) => {
             eprintln!("asymlora: error: {message}");
             1
         }
     }
 }
 
-fn execute(command: Command) -> Result<(), String> {
-    match command {
-        Command::Inspect { adapter } => {
-            let file = AdapterFile::open(&adapter).map_err(|e| e.to_string())?;
-            write_stdout(&render_inspect(&file))
+enum Failure {
+    Message(String),
+    Interrupted,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Message(message)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Cancelled => Failure::Interrupted,
+            other => Failure::Message(other.to_string()),
         }
     }
+}
+
+fn execute(command: Command, cancelled: &dyn Fn() -> bool) -> Result<(), Failure> {
+    match command {
+        Command::Inspect { adapter } => {
+            let file = AdapterFile::open(&adapter)?;
+            Ok(write_stdout(&render_inspect(&file))?)
+        }
+        Command::Merge(args) => run_merge(args, false, cancelled),
+        Command::Unmerge(args) => run_merge(args, true, cancelled),
+    }
+}
+
+/// Progress bar on stderr (only when it is a terminal) and cancellation.
+struct CliObserver<'a> {
+    quiet: bool,
+    bar: Option<ProgressBar>,
+    modules: (usize, usize),
+    cancelled: &'a dyn Fn() -> bool,
+}
+
+impl Observer for CliObserver<'_> {
+    fn start(&mut self, totals: &Totals) {
+        if self.quiet || !std::io::stderr().is_terminal() {
+            return;
+        }
+        let bar = ProgressBar::with_draw_target(Some(totals.bytes), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        self.modules = (0, totals.modules);
+        bar.set_message(format!("0/{} modules", totals.modules));
+        self.bar = Some(bar);
+    }
+
+    fn advance(&mut self, bytes: u64, modules: usize) {
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+            if modules > 0 {
+                self.modules.0 += modules;
+                bar.set_message(format!("{}/{} modules", self.modules.0, self.modules.1));
+            }
+        }
+    }
+
+    fn cancelled(&mut self) -> bool {
+        (self.cancelled)()
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    format!("{}", indicatif::HumanBytes(n))
+}
+
+fn run_merge(args: MergeArgs, subtract: bool, cancelled: &dyn Fn() -> bool) -> Result<(), Failure> {
+    let opts = MergeOptions {
+        dtype: args.dtype,
+        threads: args.threads.map(|n| n as usize),
+        force: args.force,
+        prefix_map: args.prefix_map,
+        allow_nonfinite: args.allow_nonfinite,
+        subtract,
+        fsync: !args.no_fsync,
+    };
+    let mut observer = CliObserver {
+        quiet: args.quiet,
+        bar: None,
+        modules: (0, 0),
+        cancelled,
+    };
+    let t0 = Instant::now();
+    let result = merge::merge(&args.base, &args.adapters, &args.out, &opts, &mut observer);
+    if let Some(bar) = &observer.bar {
+        bar.finish_and_clear();
+    }
+    let report = result?;
+    print_report(
+        &report,
+        &args.adapters,
+        subtract,
+        args.quiet,
+        t0.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
+
+fn print_report(report: &MergeReport, adapters: &[AdapterInput], subtract: bool, quiet: bool, seconds: f64) {
+    let mut err = std::io::stderr().lock();
+    for w in &report.warnings {
+        let _ = writeln!(err, "asymlora: warning: {w}");
+    }
+    if !report.skipped.is_empty() {
+        let items: Vec<String> = report.skipped.iter().map(|(n, why)| format!("{n} ({why})")).collect();
+        let _ = writeln!(err, "asymlora: warning: not copied to the output: {}", items.join(", "));
+    }
+    if quiet {
+        return;
+    }
+    let mut parts = vec![format!(
+        "{} {} weight(s) ({} module(s) from {} adapter(s))",
+        if subtract { "unmerged" } else { "merged" },
+        report.merged,
+        report.modules,
+        adapters.len()
+    )];
+    if report.replaced > 0 {
+        parts.push(format!("replaced {} tensor(s)", report.replaced));
+    }
+    if report.converted > 0 {
+        parts.push(format!("converted {} tensor(s)", report.converted));
+    }
+    parts.push(format!("copied {} unchanged", report.unchanged));
+    let _ = writeln!(
+        err,
+        "asymlora: {}; wrote {} ({} file(s){}) in {seconds:.2} s",
+        parts.join(", "),
+        report.out.display(),
+        report.files.len() + report.copied_files.len(),
+        format_args!(", {}", human_bytes(report.bytes)),
+    );
 }
 
 /// Prints `text`; a closed pipe (`asymlora inspect x | head`) is not an error.

@@ -22,6 +22,28 @@ pub enum Error {
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors { path: String, message: String },
 
+    /// An adapter does not fit a base checkpoint (missing module, shape, dtype,
+    /// conflicting tensors); `message` lists the first problems. Nothing was written.
+    #[error("{message}")]
+    Mismatch { message: String },
+
+    /// A model checkpoint (file, shard set or index) is unusable as a merge base.
+    #[error("{path}: {message}")]
+    Checkpoint { path: String, message: String },
+
+    /// NaN or infinite values where finite ones are required (adapter factors, or a
+    /// merged weight that overflowed its dtype).
+    #[error("{message}")]
+    NonFinite { message: String },
+
+    /// The output exists and replacing it was not asked for (or is refused).
+    #[error("{}: {message}", path.display())]
+    Exists { path: PathBuf, message: String },
+
+    /// The caller asked to stop (Ctrl-C); everything written so far was removed.
+    #[error("interrupted; nothing was written")]
+    Cancelled,
+
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -40,6 +62,13 @@ impl Error {
 
     pub fn safetensors(path: impl AsRef<std::path::Path>, message: impl Into<String>) -> Self {
         Error::Safetensors {
+            path: path.as_ref().display().to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub fn checkpoint(path: impl AsRef<std::path::Path>, message: impl Into<String>) -> Self {
+        Error::Checkpoint {
             path: path.as_ref().display().to_string(),
             message: message.into(),
         }

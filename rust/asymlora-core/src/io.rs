@@ -1,15 +1,22 @@
-//! safetensors files: memory-mapped reading, and atomic writing with reproducible bytes.
+//! safetensors files: memory-mapped reading, and atomic, streaming writing with
+//! reproducible bytes.
+//!
+//! Writing never builds a whole file in memory: [`header_bytes`] lays out the header
+//! (exactly as the safetensors crate would, with the `__metadata__` keys sorted), and
+//! the tensor data is streamed after it into an [`AtomicFile`], a temporary file in the
+//! destination directory that is renamed over the destination only when complete.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::View;
 use safetensors::{Dtype as StDtype, SafeTensors};
+use serde::ser::{SerializeMap, Serializer};
 
 use crate::error::{Error, Result};
 
@@ -65,7 +72,10 @@ impl View for &OwnedTensor {
 /// An open safetensors file: header parsed and checked on open, tensors sliced lazily.
 pub struct SafetensorsFile {
     path: PathBuf,
+    file: File,
     mmap: Mmap,
+    /// Bytes before the tensor data: the 8-byte length and the JSON header.
+    header_len: usize,
     metadata: BTreeMap<String, String>,
     tensors: BTreeMap<String, (TensorInfo, Range<usize>)>,
 }
@@ -105,7 +115,9 @@ impl SafetensorsFile {
         let metadata = header.metadata().clone().unwrap_or_default().into_iter().collect();
         Ok(SafetensorsFile {
             path,
+            file,
             mmap,
+            header_len: data_start,
             metadata,
             tensors,
         })
@@ -134,6 +146,55 @@ impl SafetensorsFile {
         self.tensors.iter().map(|(k, (i, _))| (k.clone(), i.clone())).collect()
     }
 
+    /// The open file (for kernel-side copies of byte ranges; see [`copy_range`]).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Byte range of the header (8-byte length and JSON) in the file.
+    pub fn header_range(&self) -> Range<usize> {
+        0..self.header_len
+    }
+
+    /// Every tensor with its byte range in the file, in the order of the data.
+    pub fn tensors_in_file_order(&self) -> Vec<(&str, &TensorInfo, Range<usize>)> {
+        let mut all: Vec<_> = self
+            .tensors
+            .iter()
+            .map(|(name, (info, range))| (name.as_str(), info, range.clone()))
+            .collect();
+        all.sort_by_key(|(name, _, range)| (range.start, range.end, *name));
+        all
+    }
+
+    /// Byte range of tensor `name` in the file.
+    pub fn range(&self, name: &str) -> Option<Range<usize>> {
+        self.tensors.get(name).map(|(_, r)| r.clone())
+    }
+
+    /// Bytes `range` of the mapped file.
+    pub fn bytes(&self, range: Range<usize>) -> &[u8] {
+        &self.mmap[range]
+    }
+
+    /// Drops the mapped pages of `range` from this process's resident set (they stay
+    /// in the page cache and are read back on the next access). Streaming code calls
+    /// it after each piece of a large file, so resident memory stays bounded.
+    pub fn release(&self, range: Range<usize>) {
+        if range.is_empty() || range.end > self.mmap.len() {
+            return;
+        }
+        // SAFETY: the map is a read-only, shared file mapping: MADV_DONTNEED only
+        // unmaps pages, and reading them again faults the same file contents back in.
+        // (The caller holds no references into `range` that it reads afterwards
+        // expecting other contents; the contents cannot change.)
+        #[cfg(unix)]
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len())
+        };
+    }
+
     /// Dtype, shape and little-endian bytes of tensor `name`.
     pub fn tensor(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
         let (info, range) = self
@@ -144,10 +205,207 @@ impl SafetensorsFile {
     }
 }
 
+/// safetensors' own limit on the JSON header (100 MB).
+const MAX_HEADER_SIZE: usize = 100_000_000;
+
+/// The order the safetensors crate writes tensors in: larger dtypes first, then by name.
+pub fn canonical_order<'a, T>(tensors: impl IntoIterator<Item = (&'a str, T)>) -> Vec<(&'a str, T)>
+where
+    T: AsRef<TensorInfo>,
+{
+    let mut all: Vec<_> = tensors.into_iter().collect();
+    all.sort_by(|(ln, l), (rn, r)| r.as_ref().dtype.cmp(&l.as_ref().dtype).then(ln.cmp(rn)));
+    all
+}
+
+impl AsRef<TensorInfo> for TensorInfo {
+    fn as_ref(&self) -> &TensorInfo {
+        self
+    }
+}
+
+impl AsRef<TensorInfo> for &OwnedTensor {
+    fn as_ref(&self) -> &TensorInfo {
+        &self.info
+    }
+}
+
+/// Bytes tensor `info` takes in a file.
+pub fn data_len(info: &TensorInfo) -> usize {
+    info.shape.iter().product::<usize>() * info.dtype.bitsize() / 8
+}
+
+/// The header of a safetensors file holding `tensors`, whose data follows in this order
+/// with no gaps: the 8-byte little-endian length, then the JSON header padded with
+/// spaces to a multiple of 8 bytes.
+///
+/// The bytes are those `safetensors::serialize` writes for the same tensors in the same
+/// order, except that the `__metadata__` keys are sorted (safetensors writes them in a
+/// per-process random `HashMap` order), so equal content gives equal bytes.
+pub fn header_bytes<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a TensorInfo)>,
+    metadata: &BTreeMap<String, String>,
+) -> std::result::Result<Vec<u8>, String> {
+    struct Header<'a> {
+        metadata: &'a BTreeMap<String, String>,
+        tensors: Vec<(&'a str, safetensors::tensor::TensorInfo)>,
+    }
+    impl serde::Serialize for Header<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+            let with_meta = !self.metadata.is_empty();
+            let mut map = serializer.serialize_map(Some(self.tensors.len() + usize::from(with_meta)))?;
+            if with_meta {
+                map.serialize_entry("__metadata__", self.metadata)?;
+            }
+            for (name, info) in &self.tensors {
+                map.serialize_entry(name, info)?;
+            }
+            map.end()
+        }
+    }
+    let mut offset = 0usize;
+    let mut names = std::collections::HashSet::new();
+    let mut laid_out = Vec::new();
+    for (name, info) in tensors {
+        if !names.insert(name) {
+            return Err(format!("tensor {name:?} is given twice"));
+        }
+        let n = data_len(info);
+        laid_out.push((
+            name,
+            safetensors::tensor::TensorInfo {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                data_offsets: (offset, offset + n),
+            },
+        ));
+        offset += n;
+    }
+    let header = Header {
+        metadata,
+        tensors: laid_out,
+    };
+    let mut json = serde_json::to_vec(&header).map_err(|e| format!("cannot write the header: {e}"))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    if json.len() > MAX_HEADER_SIZE {
+        return Err(format!(
+            "the header would take {} bytes, more than safetensors allows",
+            json.len()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(8 + json.len());
+    bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&json);
+    Ok(bytes)
+}
+
+/// A file written under a temporary name in its destination directory and renamed
+/// over the destination only by [`AtomicFile::commit`]. Dropped without a commit (an
+/// error, a panic), the temporary file is removed: a failure never leaves a partial
+/// file under the destination name.
+pub struct AtomicFile {
+    tmp: tempfile::NamedTempFile,
+    dest: PathBuf,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file `.asymlora-*.tmp` next to `dest` (mode 0644 on Unix).
+    pub fn create(dest: impl AsRef<Path>) -> Result<Self> {
+        let dest = dest.as_ref().to_path_buf();
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".asymlora-").suffix(".tmp");
+        // tempfile creates 0600 files; our outputs are meant to be shared like any other.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        let tmp = builder.tempfile_in(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(AtomicFile { tmp, dest })
+    }
+
+    pub fn file(&mut self) -> &mut File {
+        self.tmp.as_file_mut()
+    }
+
+    /// Path of the temporary file.
+    pub fn temp_path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        let path = self.tmp.path().to_path_buf();
+        self.tmp.as_file_mut().write_all(bytes).map_err(|e| Error::io(path, e))
+    }
+
+    /// Flushes the data to disk when `fsync`, then renames the file over the
+    /// destination (replacing it when `replace`, failing if it exists otherwise).
+    pub fn commit(self, fsync: bool, replace: bool) -> Result<()> {
+        if fsync {
+            self.tmp
+                .as_file()
+                .sync_all()
+                .map_err(|e| Error::io(self.tmp.path(), e))?;
+        }
+        let dest = self.dest;
+        if replace {
+            self.tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
+        } else {
+            self.tmp
+                .persist_noclobber(&dest)
+                .map_err(|e| Error::io(&dest, e.error))?;
+        }
+        if fsync {
+            sync_parent(&dest)?;
+        }
+        Ok(())
+    }
+}
+
+/// `fsync`s the directory holding `path`, so a rename into it is on disk.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Appends bytes `offset..offset + len` of `src` to `dst` (at its current position).
+/// On Linux the kernel copies the data (`copy_file_range`) without passing it through
+/// user memory; elsewhere it is a plain read and write. `src`'s file position moves.
+pub fn copy_range(src: &File, src_path: &Path, offset: u64, len: u64, dst: &mut File, dst_path: &Path) -> Result<()> {
+    let mut reader = src;
+    reader
+        .seek(SeekFrom::Start(offset))
+        .map_err(|e| Error::io(src_path, e))?;
+    let copied = std::io::copy(&mut reader.take(len), dst).map_err(|e| Error::io(dst_path, e))?;
+    if copied != len {
+        return Err(Error::io(
+            src_path,
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the file ended after {copied} of {len} bytes at offset {offset} (truncated while open?)"),
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Writes `tensors` and `metadata` as a safetensors file at `path`, atomically.
 ///
-/// The bytes depend only on the content (header keys sorted), and a temporary file
-/// in the destination directory is renamed over `path` at the end, so a failure
+/// The bytes depend only on the content (the tensors in safetensors' order, header
+/// keys sorted). The header and then each tensor are streamed into a temporary file in
+/// the destination directory, which is renamed over `path` at the end, so a failure
 /// never leaves a partial file under the final name.
 pub fn write_safetensors(
     path: impl AsRef<Path>,
@@ -155,53 +413,115 @@ pub fn write_safetensors(
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
     let path = path.as_ref();
-    let metadata: HashMap<String, String> = metadata.clone().into_iter().collect();
-    let metadata = (!metadata.is_empty()).then_some(metadata);
-    let bytes = safetensors::serialize(tensors.iter(), metadata)
+    let ordered = canonical_order(tensors.iter().map(|(k, t)| (k.as_str(), t)));
+    let header = header_bytes(ordered.iter().map(|(k, t)| (*k, &t.info)), metadata)
         .map_err(|e| Error::safetensors(path, format!("cannot serialise: {e}")))?;
-    let bytes = with_sorted_header(bytes).map_err(|e| Error::safetensors(path, e))?;
-
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".asymlora-").suffix(".tmp");
-    // tempfile creates 0600 files; our outputs are meant to be shared like any other.
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
-    tmp.write_all(&bytes).map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    let mut out = AtomicFile::create(path)?;
+    out.write_all(&header)?;
+    for (_, tensor) in &ordered {
+        out.write_all(&tensor.data)?;
+    }
+    out.commit(true, true)
 }
 
-/// Rewrites the `__metadata__` map of a serialised safetensors file with sorted keys.
-///
-/// safetensors keeps `__metadata__` in a `HashMap` and writes it in that map's
-/// per-process random order, so the same content would get different bytes (and
-/// hashes) from run to run. The crate writes `{"__metadata__":{...},` first and the
-/// tensor entries in a fixed order; sorting the map's keys changes no token, so the
-/// header keeps its length and every offset stays valid. Everything else is left as
-/// the crate wrote it, so files match those of other safetensors writers.
-fn with_sorted_header(mut bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
-    const PREFIX: &[u8] = b"{\"__metadata__\":";
-    let len_bytes: [u8; 8] = bytes[..8].try_into().expect("serialised file has a header length");
-    let header_len = u64::from_le_bytes(len_bytes) as usize;
-    let header = &bytes[8..8 + header_len];
-    if !header.starts_with(PREFIX) {
-        return Ok(bytes); // no metadata: nothing depends on a map order
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn tensor(dtype: StDtype, shape: Vec<usize>, seed: u8) -> OwnedTensor {
+        let n = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        let data = (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        OwnedTensor::new("t", dtype, shape, data).unwrap()
     }
-    let parsed: HashMap<String, serde_json::Value> =
-        serde_json::from_slice(header).map_err(|e| format!("cannot re-read the header: {e}"))?;
-    let metadata: BTreeMap<String, String> = serde_json::from_value(parsed["__metadata__"].clone())
-        .map_err(|e| format!("cannot re-read the metadata: {e}"))?;
-    let sorted = serde_json::to_vec(&metadata).map_err(|e| format!("cannot write the metadata: {e}"))?;
-    let (start, end) = (8 + PREFIX.len(), 8 + PREFIX.len() + sorted.len());
-    if end >= 8 + header_len || !matches!(bytes[end], b',' | b'}') {
-        return Err("unexpected header layout from the safetensors crate".into());
+
+    /// Our streamed files are the bytes `safetensors::serialize` produces, with the
+    /// metadata keys sorted.
+    #[test]
+    fn streamed_file_matches_safetensors_serialize() {
+        let tensors: BTreeMap<String, OwnedTensor> = [
+            ("b.weight".to_string(), tensor(StDtype::BF16, vec![3, 5], 1)),
+            ("a.weight".to_string(), tensor(StDtype::F32, vec![2, 2], 2)),
+            ("c.bias".to_string(), tensor(StDtype::F64, vec![3], 3)),
+            ("d.ids".to_string(), tensor(StDtype::I64, vec![1, 3], 4)),
+            ("e.empty".to_string(), tensor(StDtype::F16, vec![0, 4], 5)),
+        ]
+        .into();
+        for metadata in [
+            BTreeMap::new(),
+            BTreeMap::from([("format".to_string(), "pt".to_string())]),
+            (0..20).map(|i| (format!("key{i}"), format!("v{i}"))).collect(),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("x.safetensors");
+            write_safetensors(&path, &tensors, &metadata).unwrap();
+            let ours = std::fs::read(&path).unwrap();
+
+            let hm: HashMap<String, String> = metadata.clone().into_iter().collect();
+            let theirs = safetensors::serialize(tensors.iter(), (!hm.is_empty()).then_some(hm)).unwrap();
+            assert_eq!(ours.len(), theirs.len());
+            if metadata.len() <= 1 {
+                assert_eq!(ours, theirs, "no map order involved: identical bytes");
+            }
+            let reread = SafetensorsFile::open(&path).unwrap();
+            assert_eq!(reread.metadata(), &metadata);
+            for (name, t) in &tensors {
+                let (info, bytes) = reread.tensor(name).unwrap();
+                assert_eq!(info, &t.info);
+                assert_eq!(bytes, &t.data[..]);
+            }
+            // Sorted metadata: writing again gives the same bytes.
+            write_safetensors(&path, &tensors, &metadata).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), ours);
+            // and the data follows the header in safetensors' order
+            let order: Vec<_> = reread.tensors_in_file_order().into_iter().map(|(n, _, _)| n).collect();
+            assert_eq!(order, ["d.ids", "c.bias", "a.weight", "b.weight", "e.empty"]);
+        }
     }
-    bytes[start..end].copy_from_slice(&sorted);
-    Ok(bytes)
+
+    #[test]
+    fn header_bytes_refuses_duplicates() {
+        let info = TensorInfo {
+            dtype: StDtype::F32,
+            shape: vec![1],
+        };
+        let err = header_bytes([("a", &info), ("a", &info)], &BTreeMap::new()).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn atomic_file_leaves_nothing_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.safetensors");
+        {
+            let mut f = AtomicFile::create(&dest).unwrap();
+            f.write_all(b"partial").unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let mut f = AtomicFile::create(&dest).unwrap();
+        f.write_all(b"whole").unwrap();
+        f.commit(false, false).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
+        let mut g = AtomicFile::create(&dest).unwrap();
+        g.write_all(b"again").unwrap();
+        assert!(g.commit(false, false).is_err(), "no clobbering unless asked");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn copy_range_copies_exactly_and_detects_short_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        std::fs::write(&src_path, (0..=255u8).collect::<Vec<_>>()).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let dst_path = dir.path().join("dst");
+        let mut dst = File::create(&dst_path).unwrap();
+        copy_range(&src, &src_path, 10, 5, &mut dst, &dst_path).unwrap();
+        copy_range(&src, &src_path, 0, 2, &mut dst, &dst_path).unwrap();
+        assert_eq!(std::fs::read(&dst_path).unwrap(), [10, 11, 12, 13, 14, 0, 1]);
+        let err = copy_range(&src, &src_path, 250, 10, &mut dst, &dst_path).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
 }

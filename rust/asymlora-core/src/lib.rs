@@ -6,12 +6,14 @@
 //! * [`dtype`] — the output dtypes and their one-time rounding from `f64`.
 //! * [`io`] — safetensors files: mapped reading, atomic writing with reproducible bytes.
 //! * [`adapter`] — the seed-plus-B adapter file format v1 (read, validate, write, inspect).
+//! * [`merge`] — offline, streaming merge of adapters (ours or PEFT's) into safetensors checkpoints.
 
 pub mod adapter;
 pub mod dtype;
 pub mod error;
 pub mod householder;
 pub mod io;
+pub mod merge;
 pub mod orthogonal;
 pub mod prng;
 

@@ -3,7 +3,10 @@
 use std::io::ErrorKind;
 
 use asymlora_core::Error;
-use pyo3::exceptions::{PyFileNotFoundError, PyIsADirectoryError, PyOSError, PyPermissionError, PyValueError};
+use pyo3::exceptions::{
+    PyFileExistsError, PyFileNotFoundError, PyIsADirectoryError, PyKeyboardInterrupt, PyOSError, PyPermissionError,
+    PyValueError,
+};
 use pyo3::prelude::*;
 
 pyo3::create_exception!(
@@ -20,8 +23,16 @@ pyo3::create_exception!(
     "A file is not a valid safetensors file (header, offsets or sizes are wrong)."
 );
 
+pyo3::create_exception!(
+    asymlora,
+    AdapterMismatchError,
+    PyValueError,
+    "An adapter does not fit a model or checkpoint (missing module, shape, rank, seed); nothing was changed."
+);
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("AdapterFormatError", m.py().get_type::<AdapterFormatError>())?;
+    m.add("AdapterMismatchError", m.py().get_type::<AdapterMismatchError>())?;
     m.add("SafetensorsError", m.py().get_type::<SafetensorsError>())
 }
 
@@ -32,6 +43,10 @@ pub fn to_py(err: Error) -> PyErr {
         Error::InvalidArgument { .. } => PyValueError::new_err(message),
         Error::AdapterFormat { .. } => AdapterFormatError::new_err(message),
         Error::Safetensors { .. } => SafetensorsError::new_err(message),
+        Error::Mismatch { .. } => AdapterMismatchError::new_err(message),
+        Error::Checkpoint { .. } | Error::NonFinite { .. } => PyValueError::new_err(message),
+        Error::Exists { .. } => PyFileExistsError::new_err(message),
+        Error::Cancelled => PyKeyboardInterrupt::new_err(message),
         Error::Io { source, .. } => match source.kind() {
             ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
             ErrorKind::PermissionDenied => PyPermissionError::new_err(message),

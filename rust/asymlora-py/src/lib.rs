@@ -3,17 +3,20 @@
 
 mod adapter;
 mod errors;
+mod merge;
 mod orthogonal;
 mod safetensors_io;
 
 use pyo3::prelude::*;
 
 /// Runs the `asymlora` command line with `argv` (program name first); returns the
-/// exit code. `python_commands` is appended to `--help`.
+/// exit code. `python_commands` is appended to `--help`. A long command (merge) polls
+/// Python's signal handlers, so Ctrl-C stops it cleanly (exit code 130).
 #[pyfunction]
 #[pyo3(signature = (argv, python_commands = ""))]
 fn cli_main(py: Python<'_>, argv: Vec<String>, python_commands: &str) -> i32 {
-    py.detach(|| asymlora_cli::run_with_help(argv, python_commands))
+    let cancelled = || Python::attach(|py| py.check_signals().is_err());
+    py.detach(|| asymlora_cli::run_cancellable(argv, python_commands, &cancelled))
 }
 
 #[pymodule]
@@ -22,6 +25,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     orthogonal::register(m)?;
     adapter::register(m)?;
     safetensors_io::register(m)?;
+    merge::register(m)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add("GENERATORS", asymlora_core::Generator::ALL.map(|g| g.name()).to_vec())?;
     m.add("FORMAT_VERSION", asymlora_core::adapter::FORMAT_VERSION)?;

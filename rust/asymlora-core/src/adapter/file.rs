@@ -43,6 +43,11 @@ impl AdapterFile {
         self.file.path()
     }
 
+    /// The underlying mapped safetensors file.
+    pub fn safetensors(&self) -> &SafetensorsFile {
+        &self.file
+    }
+
     pub fn config(&self) -> &AdapterConfig {
         &self.config
     }
