@@ -346,11 +346,12 @@ def test_gpt2_conv1d_layers_wrap_and_merge():
 # --- dtypes, autocast, compile --------------------------------------------------------------
 
 
-def test_bfloat16_model_keeps_float32_master_b_and_trains():
-    model = tiny_llama(dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_keeps_float32_master_b_and_trains(dtype):
+    model = tiny_llama(dtype=dtype)
     asymlora.wrap(model, LoraConfig(r=4, target_modules=LLAMA_TARGETS))
     _, layer = lora_layers(model)[0]
-    assert layer.lora_A.dtype == torch.bfloat16
+    assert layer.lora_A.dtype == dtype
     assert layer.lora_B.dtype == torch.float32
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = ids()
