@@ -13,6 +13,7 @@ from asymlora._native import FORMAT_VERSION, GENERATORS, AdapterFormatError
 from asymlora.adapter import Adapter, AdapterConfig, ModuleConfig, read_adapter, write_adapter
 from asymlora.errors import AdapterMismatchError, SafetensorsError
 from asymlora.lora_config import LoraConfig
+from asymlora.offline_merge import MergeProgress, MergeReport, merge_files, unmerge_files
 from asymlora.orthogonal import gaussian_matrix, random_orthogonal, random_orthogonal_many
 
 if TYPE_CHECKING:  # static tools see the lazily loaded names below
@@ -74,6 +75,8 @@ __all__ = [
     "AdapterMismatchError",
     "LoraConfig",
     "LoraLayer",
+    "MergeProgress",
+    "MergeReport",
     "ModuleConfig",
     "SafetensorsError",
     "__version__",
@@ -82,6 +85,7 @@ __all__ = [
     "import_peft",
     "load_adapter",
     "merge",
+    "merge_files",
     "norm_report",
     "print_trainable_parameters",
     "random_orthogonal",
@@ -90,6 +94,7 @@ __all__ = [
     "save_adapter",
     "trainable_parameters",
     "unmerge",
+    "unmerge_files",
     "unwrap",
     "wrap",
     "write_adapter",

@@ -1,6 +1,8 @@
 """Type stubs for the compiled module ``asymlora._native`` (private; use ``asymlora``)."""
 
+from collections.abc import Callable
 from os import PathLike
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -13,6 +15,9 @@ class AdapterFormatError(ValueError):
 
 class SafetensorsError(ValueError):
     """A file is not a valid safetensors file (header, offsets or sizes are wrong)."""
+
+class AdapterMismatchError(ValueError):
+    """An adapter does not fit a model or checkpoint (missing module, shape, rank, seed)."""
 
 _RawTensor = tuple[str, list[int], bytearray]
 
@@ -70,4 +75,18 @@ def write_safetensors(
     metadata: dict[str, str],
     tensors: list[tuple[str, str, list[int], bytes]],
 ) -> None: ...
+def merge(
+    base: str | PathLike[str],
+    adapters: list[tuple[str | PathLike[str], float]],
+    out: str | PathLike[str],
+    *,
+    dtype: str | None = None,
+    threads: int | None = None,
+    force: bool = False,
+    prefix_map: list[tuple[str, str]] = ...,
+    allow_nonfinite: bool = False,
+    subtract: bool = False,
+    fsync: bool = True,
+    progress: Callable[[int, int, int, int], object] | None = None,
+) -> dict[str, Any]: ...
 def cli_main(argv: list[str], python_commands: str = "") -> int: ...

@@ -108,7 +108,12 @@ fn merge<'py>(
         (Ok(report), Some(e)) => {
             // The callback failed after the last poll: the output is complete and in place.
             let message = format!("the progress callback raised {e}; the merge completed");
-            PyErr::warn(py, &py.get_type::<PyRuntimeWarning>(), &std::ffi::CString::new(message)?, 1)?;
+            PyErr::warn(
+                py,
+                &py.get_type::<PyRuntimeWarning>(),
+                &std::ffi::CString::new(message)?,
+                1,
+            )?;
             report
         }
     };
@@ -124,6 +129,8 @@ fn merge<'py>(
     d.set_item("unchanged", report.unchanged)?;
     d.set_item("bytes", report.bytes)?;
     d.set_item("nonfinite", report.nonfinite)?;
+    d.set_item("merged_values", report.merged_values)?;
+    d.set_item("recomputed", report.recomputed)?;
     d.set_item("warnings", report.warnings)?;
     Ok(d)
 }

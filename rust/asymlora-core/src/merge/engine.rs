@@ -149,7 +149,7 @@ pub struct Term<'a> {
 }
 
 /// Lanes (adjacent columns) accumulated together in registers, per precision.
-const LANES_F32: usize = 32;
+const LANES_F32: usize = 64;
 const LANES_F64: usize = 16;
 
 /// The stacked factors `L` (rows x k) and `R` (k x cols) of one weight. `R` is stored
@@ -194,17 +194,19 @@ pub enum Factors {
 ///
 /// The f32 accumulation error of an element is at most `(k + 3) u sum_t |L_it R_tj|`
 /// (`u` = 2^-24: rounding `L`, the products and the sums); `bound[i] * rmax[j]` is a
-/// generous upper bound of it. Where the f32 value is farther than that from every
-/// rounding boundary of the output dtype, the exact value rounds the same way;
-/// elsewhere the element is recomputed from the exact factors in f64.
+/// generous upper bound of it, and the f32 sum `W + acc` adds at most half an f32 ulp.
+/// Where that f32 value is farther than both from every rounding boundary (midpoint)
+/// of the output dtype, the exact value rounds the same way; elsewhere the element is
+/// recomputed from the exact factors in f64 and rounded once from there.
 pub struct Guard {
     /// Per row: `(k + 3) * 2^-24 * 1.25 * sum_t |L_it|`.
     bound: Vec<f32>,
     /// Per column chunk: `max_t |R_tj|`, packed like `R`.
     rmax: Vec<[f32; LANES_F32]>,
-    /// The exact `L` (rows x k) and `R` (k x cols, row-major) in f64.
+    /// The exact `L` (rows x k, row-major) and `R` (column-major: `rt64[j * k + t]`)
+    /// in f64, each element's `k` values contiguous.
     l64: Vec<f64>,
-    r64: Vec<f64>,
+    rt64: Vec<f64>,
 }
 
 impl Factors {
@@ -280,7 +282,10 @@ impl Factors {
                         bound,
                         rmax,
                         l64: l,
-                        r64: r,
+                        rt64: (0..cols)
+                            .flat_map(|j| (0..k).map(move |t| (t, j)))
+                            .map(|(t, j)| r[t * cols + j])
+                            .collect(),
                     },
                 )
             }
@@ -305,13 +310,51 @@ const COL_BLOCK: usize = 256;
 #[doc(hidden)]
 pub static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Counts from merging rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowStats {
+    /// Outputs that are NaN or infinite where `W` was finite (overflow).
+    pub nonfinite: u64,
+    /// Outputs the f32 path could not prove correctly rounded, recomputed in f64.
+    pub recomputed: u64,
+}
+
+impl std::ops::Add for RowStats {
+    type Output = RowStats;
+    fn add(self, o: RowStats) -> RowStats {
+        RowStats {
+            nonfinite: self.nonfinite + o.nonfinite,
+            recomputed: self.recomputed + o.recomputed,
+        }
+    }
+}
+
+impl std::iter::Sum for RowStats {
+    fn sum<I: Iterator<Item = RowStats>>(iter: I) -> RowStats {
+        iter.fold(RowStats::default(), |a, b| a + b)
+    }
+}
+
+impl std::ops::AddAssign for RowStats {
+    fn add_assign(&mut self, o: RowStats) {
+        *self = *self + o;
+    }
+}
+
 /// Computes rows `row0..row0 + n` of `W + L·R` from the bytes `w` of those rows (dtype
 /// `w_kind`) into `out` (dtype `out_kind`), in parallel over row tiles on the current
-/// rayon pool. Returns how many outputs are NaN or infinite where `W` was finite.
-pub fn merge_rows(w: &[u8], w_kind: Float, out: &mut [u8], out_kind: Float, factors: &Factors, row0: usize) -> u64 {
+/// rayon pool.
+pub fn merge_rows(
+    w: &[u8],
+    w_kind: Float,
+    out: &mut [u8],
+    out_kind: Float,
+    factors: &Factors,
+    row0: usize,
+) -> RowStats {
     let cols = factors.cols();
     if cols == 0 {
-        return 0;
+        return RowStats::default();
     }
     let (wrow, orow) = (cols * w_kind.size(), cols * out_kind.size());
     debug_assert_eq!(w.len() / wrow, out.len() / orow);
@@ -322,7 +365,7 @@ pub fn merge_rows(w: &[u8], w_kind: Float, out: &mut [u8], out_kind: Float, fact
         .sum()
 }
 
-fn tile_dispatch(w: &[u8], wk: Float, out: &mut [u8], ok: Float, f: &Factors, row0: usize) -> u64 {
+fn tile_dispatch(w: &[u8], wk: Float, out: &mut [u8], ok: Float, f: &Factors, row0: usize) -> RowStats {
     #[cfg(target_arch = "x86_64")]
     {
         if !PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed) && std::is_x86_feature_detected!("avx2") {
@@ -337,13 +380,13 @@ fn tile_dispatch(w: &[u8], wk: Float, out: &mut [u8], ok: Float, f: &Factors, ro
 /// the same order per element (no FMA: Rust never fuses a multiply and an add).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn tile_avx2(w: &[u8], wk: Float, out: &mut [u8], ok: Float, f: &Factors, row0: usize) -> u64 {
+unsafe fn tile_avx2(w: &[u8], wk: Float, out: &mut [u8], ok: Float, f: &Factors, row0: usize) -> RowStats {
     tile(w, wk, out, ok, f, row0)
 }
 
 /// Picks the monomorphic kernel for (weight dtype, output dtype).
 #[inline(always)]
-fn tile(w: &[u8], wk: Float, out: &mut [u8], ok: Float, f: &Factors, row0: usize) -> u64 {
+fn tile(w: &[u8], wk: Float, out: &mut [u8], ok: Float, f: &Factors, row0: usize) -> RowStats {
     use Float::*;
     let sizes = (wk.size(), ok.size());
     match (f, wk, ok) {
@@ -420,13 +463,14 @@ fn tile_f32<D: Fn(&[u8]) -> [f32; LANES_F32], O: Out16>(
     row0: usize,
     dec: D,
     o: O,
-) -> u64 {
+) -> RowStats {
     const N: usize = LANES_F32;
     let (cols, k) = (f.cols, f.k);
     let rows = out.len() / (cols * os);
     let chunks = cols.div_ceil(N);
     let block = COL_BLOCK / N;
     let mut bad = 0u32;
+    let mut recomputed = 0u64;
     let mut cb = 0;
     while cb < chunks {
         let ce = (cb + block).min(chunks);
@@ -448,28 +492,30 @@ fn tile_f32<D: Fn(&[u8]) -> [f32; LANES_F32], O: Out16>(
                 };
                 let rmax = &g.rmax[ch];
                 let mut h = [0u16; N];
-                let mut unsure = 0u32;
+                let mut unsure = [0u8; N];
                 for q in 0..N {
-                    let s = sum_round_to_odd_f32(wv[q], a[q]);
+                    // W + acc rounded to nearest in f32: within half an f32 ulp of
+                    // W + acc, which the guard's 2^-21 |x| term covers.
+                    let s = (wv[q] + a[q]).to_bits();
                     h[q] = o.round(s);
                     let x = f32::from_bits(s & 0x7fff_ffff);
                     let mid = f32::from_bits((s & O::KEEP) | O::MID);
                     let dist = (x - mid).abs();
                     let err = bound * rmax[q] + x * (1.0 / 2_097_152.0); // + 2^-21 |x|
                     let sure = (dist * 0.5 > err) & (x >= O::MIN_NORMAL) & (x < O::MAX_SAFE);
-                    unsure |= u32::from(!sure) << q;
+                    unsure[q] = u8::from(!sure);
                 }
-                unsure &= if m == N { u32::MAX } else { (1u32 << m) - 1 };
-                while unsure != 0 {
-                    let q = unsure.trailing_zeros() as usize;
-                    unsure &= unsure - 1;
-                    let j = j0 + q;
-                    let mut acc = 0f64;
-                    for t in 0..k {
-                        acc += g.l64[row * k + t] * g.r64[t * cols + j];
+                if unsure[..m].iter().fold(0u8, |acc, &u| acc | u) != 0 {
+                    for q in (0..m).filter(|&q| unsure[q] != 0) {
+                        recomputed += 1;
+                        let j = j0 + q;
+                        let mut acc = 0f64;
+                        for (l, r) in g.l64[row * k..(row + 1) * k].iter().zip(&g.rt64[j * k..(j + 1) * k]) {
+                            acc += l * r;
+                        }
+                        let odd = f64_to_f32_odd(f64::from_bits(sum_round_to_odd_f64(f64::from(wv[q]), acc)));
+                        h[q] = o.round(odd.to_bits());
                     }
-                    let odd = f64_to_f32_odd(f64::from_bits(sum_round_to_odd_f64(f64::from(wv[q]), acc)));
-                    h[q] = o.round(odd.to_bits());
                 }
                 for q in 0..m {
                     bad += u32::from((h[q] & O::EXP == O::EXP) & wv[q].is_finite());
@@ -481,7 +527,10 @@ fn tile_f32<D: Fn(&[u8]) -> [f32; LANES_F32], O: Out16>(
         }
         cb = ce;
     }
-    u64::from(bad)
+    RowStats {
+        nonfinite: u64::from(bad),
+        recomputed,
+    }
 }
 
 #[inline(always)]
@@ -493,12 +542,16 @@ fn tile_f64_out<D: Fn(&[u8]) -> [f64; LANES_F64]>(
     row0: usize,
     dec: D,
     ok: Float,
-) -> u64 {
-    match ok {
+) -> RowStats {
+    let nonfinite = match ok {
         Float::F64 => tile_generic(w, out, sizes, f, row0, dec, enc_f64_f64),
         Float::F32 => tile_generic(w, out, sizes, f, row0, dec, enc_f64_f32),
         Float::BF16 => tile_generic(w, out, sizes, f, row0, dec, enc_f64_bf16),
         Float::F16 => tile_generic(w, out, sizes, f, row0, dec, enc_f64_f16),
+    };
+    RowStats {
+        nonfinite,
+        recomputed: 0,
     }
 }
 
@@ -640,6 +693,7 @@ fn dec_f16_f64(b: &[u8]) -> [f64; LANES_F64] {
 /// `w + a` rounded to odd in f32: exact when representable, otherwise the neighbour
 /// (of the two around the exact sum) whose last mantissa bit is 1. An infinite sum
 /// (overflow) or NaN input passes through.
+#[cfg(test)]
 #[inline(always)]
 fn sum_round_to_odd_f32(w: f32, a: f32) -> u32 {
     let s = w + a;
@@ -843,7 +897,7 @@ mod tests {
         };
         let f = Factors::build(&[term], rows, cols, precision(w_kind, out_kind));
         let mut out = vec![0u8; rows * cols * out_kind.size()];
-        assert_eq!(merge_rows(&w, w_kind, &mut out, out_kind, &f, 0), 0);
+        assert_eq!(merge_rows(&w, w_kind, &mut out, out_kind, &f, 0).nonfinite, 0);
         let got = decode_f64(out_kind, &out);
         let mut differ = 0;
         for i in 0..rows {
@@ -911,7 +965,7 @@ mod tests {
                 let exact: f64 = g.l64[i * rank..(i + 1) * rank]
                     .iter()
                     .enumerate()
-                    .map(|(t, l)| l * g.r64[t * cols + j])
+                    .map(|(t, l)| l * g.rt64[j * rank + t])
                     .sum();
                 let mut acc = 0f32;
                 for t in 0..rank {
@@ -1000,11 +1054,8 @@ mod tests {
         };
         let f = Factors::build(&[term], 3, 1, Precision::F32);
         let mut out = vec![0u8; 6];
-        assert_eq!(
-            merge_rows(&w, Float::F16, &mut out, Float::F16, &f, 0),
-            1,
-            "inf from finite W only"
-        );
+        let stats = merge_rows(&w, Float::F16, &mut out, Float::F16, &f, 0);
+        assert_eq!(stats.nonfinite, 1, "inf from finite W only");
         let big = encode(Float::F32, &[1e6, -1e6, 3.0]);
         let mut small = vec![0u8; 6];
         assert_eq!(convert(&big, Float::F32, &mut small, Float::F16), 2);

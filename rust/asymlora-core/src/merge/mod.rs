@@ -171,6 +171,11 @@ pub struct MergeReport {
     pub unchanged: usize,
     /// Bytes of safetensors written.
     pub bytes: u64,
+    /// Values of the merged weights.
+    pub merged_values: u64,
+    /// Of those, values the f32 path could not prove correctly rounded and recomputed
+    /// in f64 (see [`engine`]); every value is the exact result rounded once either way.
+    pub recomputed: u64,
     /// Output values that are NaN or infinite where the input was finite (only with
     /// `allow_nonfinite`; otherwise the merge fails instead).
     pub nonfinite: u64,

@@ -275,6 +275,8 @@ struct Counts {
     converted: usize,
     unchanged: usize,
     nonfinite: u64,
+    merged_values: u64,
+    recomputed: u64,
     warnings: Vec<String>,
 }
 
@@ -342,7 +344,7 @@ impl<'a> Ctx<'a> {
         let factors = Factors::build(&eterms, rows, cols, engine::precision(wk, ok));
         drop(eterms);
         drop(owned);
-        let mut bad = 0u64;
+        let mut stats = engine::RowStats::default();
         if rows > 0 && cols > 0 {
             let (ws, os) = (wk.size(), ok.size());
             let band_rows = (BAND_BYTES / (cols * ws.max(os))).max(1);
@@ -352,7 +354,7 @@ impl<'a> Ctx<'a> {
                 let input = range.start + r0 * cols * ws..range.start + (r0 + n) * cols * ws;
                 let mut buf = stream.buffer(n * cols * os)?;
                 let w = shard.file.bytes(input.clone());
-                bad += self
+                stats += self
                     .pool
                     .install(|| engine::merge_rows(w, wk, &mut buf, ok, &factors, r0));
                 shard.file.release(input);
@@ -360,9 +362,11 @@ impl<'a> Ctx<'a> {
                 r0 += n;
             }
         }
-        self.check_overflow(bad, name, out, "merging into", counts)?;
+        self.check_overflow(stats.nonfinite, name, out, "merging into", counts)?;
         stream.observer.advance(0, 1);
         counts.merged += 1;
+        counts.merged_values += (rows * cols) as u64;
+        counts.recomputed += stats.recomputed;
         Ok(())
     }
 
@@ -654,6 +658,8 @@ pub(super) fn write(
     report.converted = counts.converted;
     report.unchanged = counts.unchanged;
     report.nonfinite = counts.nonfinite;
+    report.merged_values = counts.merged_values;
+    report.recomputed = counts.recomputed;
     report.warnings = counts.warnings;
     Ok(report)
 }

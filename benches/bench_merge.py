@@ -1,0 +1,494 @@
+"""Offline merge of a LoRA into a sharded bf16 Llama-shaped checkpoint: asymlora vs PEFT vs cp.
+
+The benchmark writes its own checkpoint (default: hidden 2048, intermediate 5632, 22
+layers, 16 heads / 4 KV heads, vocab 32000, untied head: 1.12 G parameters, 2.25 GB in
+bf16) as two real safetensors shards with ``model.safetensors.index.json`` and a
+``config.json``, an asymlora adapter (r=16, alpha=32 on q, k, v, o, gate, up, down of
+every layer; B float32) and the equivalent PEFT adapter directory (``export_peft``: the
+same A, materialised). Then, median of ``--repeats`` interleaved runs, each in its own
+subprocess (wall time, and peak RSS from ``os.wait4``):
+
+1. ``asymlora merge BASE ADAPTER -o OUT`` (seed-plus-B; A regenerated),
+2. ``asymlora merge BASE PEFT_DIR -o OUT``,
+3. PEFT's path: ``AutoModelForCausalLM.from_pretrained`` (bf16), ``PeftModel.from_pretrained``,
+   ``merge_and_unload``, ``save_pretrained`` (same shard size),
+4. ``cp -r BASE OUT`` (the floor).
+
+The asymlora runs use ``--no-fsync``, as neither cp nor ``save_pretrained`` flushes to
+disk; one more pair of rows compares asymlora's default (fsync every file) with
+``cp -r && sync``. Every output is deleted and ``sync`` run before each timed run, so no
+run pays for another's writeback. Finally the outputs are compared: asymlora vs PEFT
+(within one bf16 ulp?), both vs the float64 reference ``round(W + s * B @ A)``, the
+untouched tensors, and the two asymlora outputs (identical bits?).
+
+    bash benches/run.sh merge [--repeats 3] [--workdir DIR] [--threads N]
+    python benches/bench_merge.py --quick     # small checkpoint, smoke test (~30 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FULL = {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 16, "kv_heads": 4}
+FULL.update(vocab=32000)
+QUICK = {"hidden": 256, "intermediate": 704, "layers": 2, "heads": 4, "kv_heads": 2}
+QUICK.update(vocab=1024)
+RANK, ALPHA, SEED = 16, 32.0, 1234
+
+# Targets from the issue.
+MAX_VS_CP = 1.5  # asymlora time / cp time
+MIN_SPEEDUP_VS_PEFT = 5.0  # PEFT time / asymlora time
+MAX_RSS_VS_PEFT = 0.25  # asymlora peak RSS / PEFT peak RSS
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _shapes(cfg: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of ``LlamaForCausalLM`` (untied head), in model order."""
+    h, i, kv = cfg["hidden"], cfg["intermediate"], cfg["hidden"] // cfg["heads"] * cfg["kv_heads"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg["vocab"], h)}
+    for layer in range(cfg["layers"]):
+        p = f"model.layers.{layer}"
+        shapes[f"{p}.self_attn.q_proj.weight"] = (h, h)
+        shapes[f"{p}.self_attn.k_proj.weight"] = (kv, h)
+        shapes[f"{p}.self_attn.v_proj.weight"] = (kv, h)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (h, h)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (i, h)
+        shapes[f"{p}.mlp.up_proj.weight"] = (i, h)
+        shapes[f"{p}.mlp.down_proj.weight"] = (h, i)
+        shapes[f"{p}.input_layernorm.weight"] = (h,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (cfg["vocab"], h)
+    return shapes
+
+
+def build_base(base: Path, cfg: dict[str, int]) -> int:
+    """Writes the checkpoint (two shards + index + config.json); returns the shard size.
+
+    Runs in a worker process (``--build``): this process stays small and torch-free."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    base.mkdir(parents=True)
+    shapes = _shapes(cfg)
+    total = sum(int(np.prod(s)) * 2 for s in shapes.values())
+    gen = torch.Generator().manual_seed(0)
+    shard_names = [f"model-0000{k}-of-00002.safetensors" for k in (1, 2)]
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size, k, largest = 0, 0, 0
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        shard[name] = t
+        weight_map[name] = shard_names[k]
+        size += t.numel() * 2
+        if k == 0 and size >= total / 2:
+            save_file(shard, str(base / shard_names[k]), metadata={"format": "pt"})
+            largest, shard, size, k = size, {}, 0, 1
+    save_file(shard, str(base / shard_names[k]), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n"
+    )
+    config = transformers.LlamaConfig(
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["intermediate"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["kv_heads"],
+        vocab_size=cfg["vocab"],
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
+    config.save_pretrained(base)
+    return max(largest, size)
+
+
+def build_adapters(base: Path, v1: Path, peft_dir: Path, cfg: dict[str, int]) -> None:
+    import asymlora
+
+    shapes = _shapes(cfg)
+    modules = {}
+    for name, shape in shapes.items():
+        module = name.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] in TARGETS:
+            d_out, d_in = shape
+            modules[module] = asymlora.ModuleConfig(d_in=d_in, d_out=d_out, stream=len(modules))
+    config = asymlora.AdapterConfig(
+        rank=RANK, alpha=ALPHA, seed=SEED, modules=modules, base_model={"name_or_path": str(base)}
+    )
+    rng = np.random.default_rng(1)
+    tensors = {
+        f"{m}.lora_B": (rng.standard_normal((c.d_out, RANK), dtype=np.float32) * 0.01)
+        for m, c in modules.items()
+    }
+    asymlora.write_adapter(v1, config, tensors)
+    asymlora.export_peft(v1, peft_dir)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _hwm(pid: int) -> int:
+    """``VmHWM`` (peak resident set, bytes) of a live process, or 0."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def timed(cmd: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes) and stdout of ``cmd`` in its own process.
+
+    The peak is the process's ``VmHWM`` (the high-water mark of its own address space
+    since its exec), polled every 2 ms until it exits: ``ru_maxrss`` from ``wait4``
+    would include the pages of this (parent) process that the child had until its exec.
+    """
+    os.sync()  # no earlier writeback pending
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _hwm(proc.pid))
+            time.sleep(0.002)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        text, error = out.read().decode(), err.read().decode()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{error}{text}")
+    return seconds, peak, text
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+PEFT_WORKER = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, transformers, peft
+t1 = time.perf_counter()
+base, adapter, out, shard = sys.argv[1:5]
+model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+t2 = time.perf_counter()
+model = peft.PeftModel.from_pretrained(model, adapter)
+t3 = time.perf_counter()
+model = model.merge_and_unload()
+t4 = time.perf_counter()
+model.save_pretrained(out, max_shard_size=int(shard))
+t5 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "load": t2 - t1, "peft_load": t3 - t2,
+                  "merge": t4 - t3, "save": t5 - t4}))
+"""
+
+
+def methods(args, work: Path, shard_size: int) -> dict[str, list[str]]:
+    exe = shutil.which("asymlora", path=str(Path(sys.executable).parent)) or "asymlora"
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    base, out = work / "base", work / "out"
+    v1, peft = str(work / "adapter.safetensors"), str(work / "peft")
+    durable = ["-o", str(out), "--quiet", *threads]
+    fast = [*durable, "--no-fsync"]
+    return {
+        "asymlora (seed+B)": [exe, "merge", str(base), v1, *fast],
+        "asymlora (PEFT dir)": [exe, "merge", str(base), peft, *fast],
+        "PEFT merge_and_unload": [
+            sys.executable,
+            "-c",
+            PEFT_WORKER,
+            str(base),
+            peft,
+            str(out),
+            str(shard_size),
+        ],
+        "cp -r": ["cp", "-r", str(base), str(out)],
+        "asymlora, fsync (default)": [exe, "merge", str(base), v1, *durable],
+        "cp -r && sync": ["sh", "-c", f"cp -r '{base}' '{out}' && sync"],
+    }
+
+
+def _round_bf16(x: np.ndarray) -> np.ndarray:
+    """float64 -> bfloat16 rounded once (round to odd in float32, then to nearest even)."""
+    import ml_dtypes
+
+    x32 = x.astype(np.float32)
+    back = x32.astype(np.float64)
+    inexact = back != x
+    toward_zero = inexact & (np.abs(back) > np.abs(x))
+    bits = (x32.view(np.uint32) - toward_zero.astype(np.uint32)) | inexact.astype(np.uint32)
+    return bits.view(np.float32).astype(ml_dtypes.bfloat16)
+
+
+def _ordered(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns as integers ordered like the values (for ulp distances)."""
+    b = bits.astype(np.int32)
+    return np.where(b & 0x8000, -(b & 0x7FFF), b)
+
+
+def _tensors(directory: Path) -> dict[str, tuple[Path, str]]:
+    from asymlora._safetensors import SafetensorsFile
+
+    found = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        for name in SafetensorsFile(path).names:
+            found[name] = (path, name)
+    return found
+
+
+def compare(work: Path, outputs: dict[str, Path]) -> dict[str, object]:
+    import asymlora
+    from asymlora._safetensors import SafetensorsFile
+
+    adapter = asymlora.read_adapter(work / "adapter.safetensors")
+    files: dict[Path, SafetensorsFile] = {}
+
+    def read(where: dict[str, tuple[Path, str]], name: str) -> np.ndarray:
+        path, key = where[name]
+        if path not in files:
+            files[path] = SafetensorsFile(path)
+        return files[path].read({"t": key})["t"]
+
+    base = _tensors(work / "base")
+    found = {k: _tensors(p) for k, p in outputs.items()}
+    ours, theirs = "asymlora (seed+B)", "PEFT merge_and_unload"
+    n = 0
+    exact = {k: 0 for k in outputs}
+    max_ulp_vs_ref = {k: 0 for k in outputs}
+    max_ulp_vs_peft, beyond_one_ulp, beyond_and_ours_exact = 0, 0, 0
+    for name in base:
+        w = read(base, name)
+        module = name.removesuffix(".weight")
+        if module not in adapter.config.modules:
+            for k in outputs:
+                if not np.array_equal(read(found[k], name).view(np.uint16), w.view(np.uint16)):
+                    exact[k] = -(10**9)  # an untouched tensor changed: flag loudly
+            continue
+        a = adapter.lora_A(module).astype(np.float64)
+        b = adapter.lora_B(module).astype(np.float64)
+        exact_value = w.astype(np.float64) + adapter.config.scale(module) * (b @ a)
+        ref = _round_bf16(exact_value).view(np.uint16)
+        n += ref.size
+        got = {k: read(found[k], name).view(np.uint16) for k in outputs}
+        for k, g in got.items():
+            exact[k] += int(np.count_nonzero(g == ref))
+            far = int(np.abs(_ordered(g) - _ordered(ref)).max())
+            max_ulp_vs_ref[k] = max(max_ulp_vs_ref[k], far)
+        d = np.abs(_ordered(got[ours]) - _ordered(got[theirs]))
+        max_ulp_vs_peft = max(max_ulp_vs_peft, int(d.max()))
+        beyond_one_ulp += int(np.count_nonzero(d > 1))
+        beyond_and_ours_exact += int(np.count_nonzero((d > 1) & (got[ours] == ref)))
+        files.clear()
+    digests = {}
+    for k in ("asymlora (seed+B)", "asymlora (PEFT dir)"):
+        h = hashlib.sha256()
+        for path in sorted(outputs[k].glob("*.safetensors")):
+            h.update(path.read_bytes())
+        digests[k] = h.hexdigest()
+    return {
+        "merged_values": n,
+        "equal_to_float64_reference": exact,
+        "max_ulp_asymlora_vs_peft": max_ulp_vs_peft,
+        "values_beyond_one_ulp_asymlora_vs_peft": beyond_one_ulp,
+        "of_which_asymlora_equals_reference": beyond_and_ours_exact,
+        "max_ulp_vs_reference": max_ulp_vs_ref,
+        "asymlora_outputs_identical": len(set(digests.values())) == 1,
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="asymlora --threads")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--quick", action="store_true", help="small checkpoint (smoke test)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # worker: build data
+    parser.add_argument("--config", type=json.loads, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build:
+        shard_size = build_base(args.build / "base", args.config)
+        build_adapters(
+            args.build / "base",
+            args.build / "adapter.safetensors",
+            args.build / "peft",
+            args.config,
+        )
+        print(shard_size)
+        return
+    cfg = QUICK if args.quick else FULL
+    repeats = 1 if args.quick else args.repeats
+
+    size = sum(int(np.prod(s)) * 2 for s in _shapes(cfg).values())
+    parent = args.workdir or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < 4.5 * size:
+        sys.exit(f"{parent}: {free / 1e9:.1f} GB free, need {4.5 * size / 1e9:.1f} GB")
+    work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=parent))
+    try:
+        run(args, cfg, repeats, work, size)
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, cfg: dict[str, int], repeats: int, work: Path, size: int) -> None:
+    import asymlora
+
+    t0 = time.perf_counter()
+    build = [sys.executable, __file__, "--build", str(work), "--config", json.dumps(cfg)]
+    shard_size = int(subprocess.run(build, check=True, capture_output=True).stdout)
+    n_params = size // 2
+    print(
+        f"checkpoint: {n_params / 1e9:.2f} G parameters, {size / 1e9:.2f} GB bf16, 2 shards; "
+        f"adapter r={RANK} on {', '.join(TARGETS)} "
+        f"({(work / 'adapter.safetensors').stat().st_size / 1e6:.0f} MB seed+B, "
+        f"{(work / 'peft' / 'adapter_model.safetensors').stat().st_size / 1e6:.0f} MB PEFT); "
+        f"built in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+    cmds = methods(args, work, shard_size)
+    out = work / "out"
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    rss: dict[str, list[int]] = {k: [] for k in cmds}
+    phases: list[dict[str, float]] = []
+    for r in range(repeats):
+        for name, cmd in cmds.items():
+            remove(out)
+            seconds, peak, text = timed(cmd)
+            times[name].append(seconds)
+            rss[name].append(peak)
+            if name.startswith("PEFT") and text.strip():
+                phases.append(json.loads(text.strip().splitlines()[-1]))
+            print(f"  round {r + 1}/{repeats} {name:<26} {seconds:7.2f} s", flush=True)
+    remove(out)
+
+    # one more output of each merge, kept side by side, for the comparison
+    outputs = {}
+    for name in ("asymlora (seed+B)", "asymlora (PEFT dir)", "PEFT merge_and_unload"):
+        target = work / f"out-{len(outputs)}"
+        cmd = [str(target) if c == str(out) else c for c in cmds[name]]
+        timed(cmd)
+        outputs[name] = target
+    checks = compare(work, outputs)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    peak = {k: max(v) for k, v in rss.items()}
+    cp, peft = med["cp -r"], med["PEFT merge_and_unload"]
+    print()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
+        f"asymlora {asymlora.__version__}, torch {version('torch')}, peft {version('peft')}, "
+        f"transformers {version('transformers')}; "
+        f"median of {repeats}, {datetime.now(timezone.utc):%Y-%m-%d}"
+    )
+    print()
+    header = (
+        f"{'method':<27} {'median s':>9} {'min s':>7} {'peak RSS':>10} {'vs cp':>7} {'PEFT/x':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for k in cmds:
+        floor = med["cp -r && sync"] if "sync" in k or "fsync" in k else cp
+        print(
+            f"{k:<27} {med[k]:>9.2f} {min(times[k]):>7.2f} {peak[k] / 2**20:>6.0f} MiB "
+            f"{med[k] / floor:>6.2f}x {peft / med[k]:>6.1f}x"
+        )
+    print("(vs cp: the fsync rows against `cp -r && sync`; PEFT/x: PEFT's time over the row's)")
+    if phases:
+        ph = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+        print("PEFT phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+    print()
+    verdicts = []
+    for k in ("asymlora (seed+B)", "asymlora (PEFT dir)"):
+        verdicts += [
+            (f"{k}: time <= {MAX_VS_CP}x cp", med[k] / cp, med[k] / cp <= MAX_VS_CP),
+            (
+                f"{k}: >= {MIN_SPEEDUP_VS_PEFT:.0f}x faster than PEFT",
+                peft / med[k],
+                peft / med[k] >= MIN_SPEEDUP_VS_PEFT,
+            ),
+            (
+                f"{k}: peak RSS <= 1/4 of PEFT's",
+                peak[k] / peak["PEFT merge_and_unload"],
+                peak[k] / peak["PEFT merge_and_unload"] <= MAX_RSS_VS_PEFT,
+            ),
+        ]
+    for text, value, ok in verdicts:
+        print(f"  {'met    ' if ok else 'NOT MET'}  {text} ({value:.2f})")
+    n = checks["merged_values"]
+    print()
+    print(f"outputs, {n:,} merged bf16 values:")
+    for k, same in checks["equal_to_float64_reference"].items():
+        print(f"  {k:<24} equal to round(W + s*B@A in float64): {same / n:.6%}")
+    for k, far in checks["max_ulp_vs_reference"].items():
+        print(f"  {k:<24} farthest from the reference: {far} ulp")
+    beyond = checks["values_beyond_one_ulp_asymlora_vs_peft"]
+    print(
+        f"  asymlora vs PEFT: {n - beyond:,} of {n:,} within 1 ulp ({(n - beyond) / n:.6%}); "
+        f"max {checks['max_ulp_asymlora_vs_peft']} ulp; at the {beyond} values beyond 1 ulp, "
+        f"asymlora equals the reference at {checks['of_which_asymlora_equals_reference']}"
+    )
+    print(
+        f"  asymlora outputs from the seed+B file and the PEFT dir identical: "
+        f"{checks['asymlora_outputs_identical']}"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "date": f"{datetime.now(timezone.utc):%Y-%m-%d}",
+            "machine": {"arch": platform.machine(), "cores": os.cpu_count()},
+            "config": cfg,
+            "bytes": size,
+            "repeats": repeats,
+            "seconds": times,
+            "median_seconds": med,
+            "peak_rss_bytes": peak,
+            "peft_phases": phases,
+            "targets": [{"check": t, "value": v, "met": ok} for t, v, ok in verdicts],
+            "outputs": checks,
+        }
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
