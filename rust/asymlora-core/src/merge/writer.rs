@@ -564,6 +564,11 @@ pub(super) fn write(
         files: plans.len(),
     };
     observer.start(&totals);
+    // Polled once before anything is written: a caller may set up its cancellation
+    // (signal handlers) on the first poll.
+    if observer.cancelled() {
+        return Err(Error::Cancelled);
+    }
     let ctx = Ctx { loaded, opts, pool };
     let mut counts = Counts::default();
     let mut report = MergeReport {
