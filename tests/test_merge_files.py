@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -29,6 +31,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -474,3 +477,18 @@ def test_no_torch_needed_and_fast_start(cli_path, work, base_dir, seeded_adapter
     proc = subprocess.run([cli_path, "merge", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "ADAPTER[:WEIGHT]" in proc.stdout
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_readme_merge_example_runs(tmp_path, monkeypatch, base_dir, peft_dir, seeded_adapter):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    block = next(b for b in blocks if "merge_files(" in b)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(base_dir, tmp_path / "Llama-3.2-1B")
+    shutil.copy(seeded_adapter, tmp_path / "adapter.safetensors")
+    shutil.copytree(peft_dir, tmp_path / "peft_lora_dir")
+    exec(compile(block, str(README), "exec"), {})
+    _assert_reference(
+        base_dir,
+        tmp_path / "Llama-3.2-1B-merged",
+        [(_v1_deltas(seeded_adapter), 1.0), (_peft_deltas(peft_dir), 0.5)],
+    )

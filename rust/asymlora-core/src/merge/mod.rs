@@ -448,6 +448,9 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
                 if !opts.allow_nonfinite {
                     let (ti, bytes) = ad.file().tensor(key)?;
                     let bad = count_nonfinite(Float::from_st(ti.dtype).expect("checked on open"), bytes);
+                    if let Some(range) = ad.file().range(key) {
+                        ad.file().release(range); // read again when merging: keep memory flat
+                    }
                     if bad > 0 {
                         nonfinite.push(format!("{label}: {key} holds {bad} NaN or infinite value(s)"));
                     }
@@ -497,6 +500,9 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
                 (Some(kind), Some(_)) => {
                     if !opts.allow_nonfinite {
                         let bad = count_nonfinite(kind, bytes);
+                        if let Some(range) = ad.file().range(&key) {
+                            ad.file().release(range);
+                        }
                         if bad > 0 {
                             nonfinite.push(format!("{label}: {key} holds {bad} NaN or infinite value(s)"));
                         }
