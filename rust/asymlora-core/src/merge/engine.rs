@@ -199,7 +199,8 @@ pub enum Factors {
 /// of the output dtype, the exact value rounds the same way; elsewhere the element is
 /// recomputed from the exact factors in f64 and rounded once from there.
 pub struct Guard {
-    /// Per row: `(k + 3) * 2^-24 * 1.25 * sum_t |L_it|`.
+    /// Per row: twice `(k + 3) * 2^-24 * 1.25 * sum_t |L_it|` (compared with twice the
+    /// distance to a midpoint, see `tile_f32`).
     bound: Vec<f32>,
     /// Per column chunk: `max_t |R_tj|`, packed like `R`.
     rmax: Vec<[f32; LANES_F32]>,
@@ -252,7 +253,7 @@ impl Factors {
             Precision::F64 => Factors::F64(LowRank::new(rows, cols, k, &l, &r, |x| x)),
             Precision::F32 => {
                 let f = LowRank::<f32, LANES_F32>::new(rows, cols, k, &l, &r, |x| x as f32);
-                let factor = (k as f64 + 3.0) * 2f64.powi(-24) * 1.25;
+                let factor = 2.0 * (k as f64 + 3.0) * 2f64.powi(-24) * 1.25;
                 let bound =
                     f.l.chunks(k.max(1))
                         .map(|row| (row.iter().map(|x| f64::from(x.abs())).sum::<f64>() * factor) as f32)
@@ -409,6 +410,9 @@ fn tile(w: &[u8], wk: Float, out: &mut [u8], ok: Float, f: &Factors, row0: usize
 trait Out16: Copy {
     /// f32 bits -> output bits, to nearest with ties to even.
     fn round(self, bits: u32) -> u16;
+    /// The same for finite values below [`Out16::MAX_SAFE`] only (the fast path: NaN,
+    /// infinities and overflow always go through the recomputation).
+    fn round_finite(self, bits: u32) -> u16;
     /// f32 bits kept to locate the midpoint of the binade's output grid, and the
     /// pattern of the midpoint below them.
     const KEEP: u32;
@@ -427,6 +431,10 @@ impl Out16 for Bf16Out {
     fn round(self, bits: u32) -> u16 {
         bf16_bits(bits)
     }
+    #[inline(always)]
+    fn round_finite(self, bits: u32) -> u16 {
+        (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+    }
     const KEEP: u32 = 0x7fff_0000;
     const MID: u32 = 0x0000_8000;
     const MIN_NORMAL: f32 = f32::MIN_POSITIVE;
@@ -440,6 +448,10 @@ impl Out16 for F16Out {
     #[inline(always)]
     fn round(self, bits: u32) -> u16 {
         f16::from_f32(f32::from_bits(bits)).to_bits()
+    }
+    #[inline(always)]
+    fn round_finite(self, bits: u32) -> u16 {
+        self.round(bits)
     }
     const KEEP: u32 = 0x7fff_e000;
     const MID: u32 = 0x0000_1000;
@@ -497,12 +509,15 @@ fn tile_f32<D: Fn(&[u8]) -> [f32; LANES_F32], O: Out16>(
                     // W + acc rounded to nearest in f32: within half an f32 ulp of
                     // W + acc, which the guard's 2^-21 |x| term covers.
                     let s = (wv[q] + a[q]).to_bits();
-                    h[q] = o.round(s);
+                    h[q] = o.round_finite(s);
                     let x = f32::from_bits(s & 0x7fff_ffff);
                     let mid = f32::from_bits((s & O::KEEP) | O::MID);
                     let dist = (x - mid).abs();
-                    let err = bound * rmax[q] + x * (1.0 / 2_097_152.0); // + 2^-21 |x|
-                    let sure = (dist * 0.5 > err) & (x >= O::MIN_NORMAL) & (x < O::MAX_SAFE);
+                    // Sure when half the in-binade distance to the midpoint (the nearest
+                    // one may lie in the binade below, at least half as far) exceeds the
+                    // accumulation bound plus 2^-21 |x| (two f32 ulps); all doubled here.
+                    let err2 = bound * rmax[q] + x * (1.0 / 1_048_576.0);
+                    let sure = (dist > err2) & (x >= O::MIN_NORMAL) & (x < O::MAX_SAFE);
                     unsure[q] = u8::from(!sure);
                 }
                 if unsure[..m].iter().fold(0u8, |acc, &u| acc | u) != 0 {
@@ -515,10 +530,10 @@ fn tile_f32<D: Fn(&[u8]) -> [f32; LANES_F32], O: Out16>(
                         }
                         let odd = f64_to_f32_odd(f64::from_bits(sum_round_to_odd_f64(f64::from(wv[q]), acc)));
                         h[q] = o.round(odd.to_bits());
+                        // Only here can a result be NaN or infinite (sure values are
+                        // finite and below MAX_SAFE).
+                        bad += u32::from((h[q] & O::EXP == O::EXP) & wv[q].is_finite());
                     }
-                }
-                for q in 0..m {
-                    bad += u32::from((h[q] & O::EXP == O::EXP) & wv[q].is_finite());
                 }
                 for (dst, v) in out[oi..oi + m * os].chunks_exact_mut(2).zip(&h) {
                     dst.copy_from_slice(&v.to_le_bytes());

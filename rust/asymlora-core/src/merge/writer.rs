@@ -8,7 +8,6 @@
 //! overlaps writing the previous one and memory stays bounded whatever the sizes.
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -19,7 +18,7 @@ use super::checkpoint::{Checkpoint, Shard};
 use super::engine::{self, Factors, Float};
 use super::{out_dtype, Job, Loaded, MergeOptions, MergeReport, Observer, Plan, Totals};
 use crate::error::{Error, Result};
-use crate::io::{copy_range, data_len, header_bytes, sync_parent, AtomicFile, TensorInfo};
+use crate::io::{copy_range, data_len, header_bytes, sync_parent, Appender, AtomicFile, TensorInfo};
 
 /// Output bytes per band of a computed tensor.
 const BAND_BYTES: usize = 8 << 20;
@@ -216,10 +215,11 @@ fn stream_to<'a>(
         let (tx, rx) = mpsc::sync_channel::<Op<'a>>(1);
         let (done_tx, done_rx) = mpsc::channel::<Done>();
         let writer = s.spawn(move || -> Result<()> {
+            let mut appender = Appender::new();
             for op in rx {
                 let done = match op {
                     Op::Bytes(b) => {
-                        dst.write_all(&b).map_err(|e| Error::io(dst_path, e))?;
+                        appender.append(dst, &b).map_err(|e| Error::io(dst_path, e))?;
                         Done {
                             bytes: b.len() as u64,
                             buf: Some(b),
@@ -353,6 +353,7 @@ impl<'a> Ctx<'a> {
                 let n = band_rows.min(rows - r0);
                 let input = range.start + r0 * cols * ws..range.start + (r0 + n) * cols * ws;
                 let mut buf = stream.buffer(n * cols * os)?;
+                shard.file.prefetch(input.clone());
                 let w = shard.file.bytes(input.clone());
                 stats += self
                     .pool
@@ -388,6 +389,7 @@ impl<'a> Ctx<'a> {
             let m = per_band.min(n - e0);
             let input = range.start + e0 * sk.size()..range.start + (e0 + m) * sk.size();
             let mut buf = stream.buffer(m * ok.size())?;
+            file.prefetch(input.clone());
             let src = file.bytes(input.clone());
             bad += self.pool.install(|| engine::convert(src, sk, &mut buf, ok));
             file.release(input);
@@ -490,6 +492,21 @@ fn config_with_dtype(text: &str, dtype: &str) -> Option<String> {
         }
     }
     changed.then(|| serde_json::to_string_pretty(&json).expect("JSON values serialise") + "\n")
+}
+
+/// `fsync`s `paths`, in parallel: the kernel has been writing them back meanwhile, and
+/// flushing them together lets the device work on all at once.
+fn sync_all(paths: &[PathBuf]) -> Result<()> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = paths
+            .iter()
+            .map(|p| s.spawn(move || File::open(p).and_then(|f| f.sync_all()).map_err(|e| Error::io(p, e))))
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::io("<fsync>", std::io::Error::other("an fsync thread panicked"))))
+        })
+    })
 }
 
 /// Renames the finished directory `tmp` to `out` (replacing an existing `out` when
@@ -597,15 +614,14 @@ pub(super) fn write(
         );
     } else {
         let tmp = temp_dir_next_to(out, ".tmp")?;
+        let mut written: Vec<PathBuf> = vec![];
         for (shard, sp) in ck.shards.iter().zip(&plans) {
             let path = tmp.path().join(&shard.name);
             let mut file = File::create(&path).map_err(|e| Error::io(&path, e))?;
             stream_to(&mut file, &path, observer, |stream| {
                 ctx.shard(stream, shard, sp, &mut counts)
             })?;
-            if opts.fsync {
-                file.sync_all().map_err(|e| Error::io(&path, e))?;
-            }
+            written.push(path);
             report.files.push(shard.name.clone());
         }
         if let Some(index) = &ck.index {
@@ -624,6 +640,7 @@ pub(super) fn write(
                 let text = serde_json::to_string_pretty(&json).expect("JSON values serialise") + "\n";
                 fs::write(&dst, text).map_err(|e| Error::io(&dst, e))?;
             }
+            written.push(dst);
             report.files.push(index.name.clone());
         }
         let dtype_changed = counts.converted > 0
@@ -646,12 +663,11 @@ pub(super) fn write(
                     fs::copy(&other.path, &dst).map_err(|e| Error::io(&other.path, e))?;
                 }
             }
-            if opts.fsync {
-                File::open(&dst)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| Error::io(&dst, e))?;
-            }
+            written.push(dst);
             report.copied_files.push(other.name.clone());
+        }
+        if opts.fsync {
+            sync_all(&written)?;
         }
         if observer.cancelled() {
             return Err(Error::Cancelled);
