@@ -21,8 +21,11 @@ run pays for another's writeback. Finally the outputs are compared: asymlora vs 
 (within one bf16 ulp?), both vs the float64 reference ``round(W + s * B @ A)``, the
 untouched tensors, and the two asymlora outputs (identical bits?).
 
-    bash benches/run.sh merge [--repeats 3] [--workdir DIR] [--threads N]
-    python benches/bench_merge.py --quick     # small checkpoint, smoke test (~30 s)
+    bash benches/run.sh merge [--repeats 3] [--workdir DIR] [--threads N] [--json PATH]
+    python benches/bench_merge.py --quick     # small checkpoint, smoke test (~15 s)
+
+The work directory (default: a new one under the system temp dir, removed at the end;
+``--keep`` keeps it) needs about 4.5x the checkpoint size free; that is checked first.
 """
 
 from __future__ import annotations
@@ -220,6 +223,7 @@ def methods(args, work: Path, shard_size: int) -> dict[str, list[str]]:
     v1, peft = str(work / "adapter.safetensors"), str(work / "peft")
     durable = ["-o", str(out), "--quiet", *threads]
     fast = [*durable, "--no-fsync"]
+    one_thread = ["-o", str(out), "--quiet", "--no-fsync", "--threads", "1"]
     return {
         "asymlora (seed+B)": [exe, "merge", str(base), v1, *fast],
         "asymlora (PEFT dir)": [exe, "merge", str(base), peft, *fast],
@@ -235,6 +239,7 @@ def methods(args, work: Path, shard_size: int) -> dict[str, list[str]]:
         "cp -r": ["cp", "-r", str(base), str(out)],
         "asymlora, fsync (default)": [exe, "merge", str(base), v1, *durable],
         "cp -r && sync": ["sh", "-c", f"cp -r '{base}' '{out}' && sync"],
+        "asymlora (seed+B), 1 thread": [exe, "merge", str(base), v1, *one_thread],
     }
 
 
@@ -336,7 +341,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--quick", action="store_true", help="small checkpoint (smoke test)")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="write the results here (default: benches/bench_merge.json; none with --quick)",
+    )
     parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # worker: build data
     parser.add_argument("--config", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -352,6 +362,8 @@ def main() -> None:
         return
     cfg = QUICK if args.quick else FULL
     repeats = 1 if args.quick else args.repeats
+    if args.json is None and not args.quick:
+        args.json = Path(__file__).resolve().parent / "bench_merge.json"
 
     size = sum(int(np.prod(s)) * 2 for s in _shapes(cfg).values())
     parent = args.workdir or Path(tempfile.gettempdir())
@@ -400,14 +412,19 @@ def run(args, cfg: dict[str, int], repeats: int, work: Path, size: int) -> None:
             print(f"  round {r + 1}/{repeats} {name:<26} {seconds:7.2f} s", flush=True)
     remove(out)
 
-    # one more output of each merge, kept side by side, for the comparison
-    outputs = {}
-    for name in ("asymlora (seed+B)", "asymlora (PEFT dir)", "PEFT merge_and_unload"):
+    # one more output of each merge, kept side by side, for the comparison (the first
+    # through the Python API, for its report)
+    outputs = {"asymlora (seed+B)": work / "out-0"}
+    report = asymlora.merge_files(
+        work / "base", work / "adapter.safetensors", outputs["asymlora (seed+B)"], fsync=False
+    )
+    for name in ("asymlora (PEFT dir)", "PEFT merge_and_unload"):
         target = work / f"out-{len(outputs)}"
         cmd = [str(target) if c == str(out) else c for c in cmds[name]]
         timed(cmd)
         outputs[name] = target
     checks = compare(work, outputs)
+    checks["recomputed_in_float64"] = report.recomputed
 
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {k: max(v) for k, v in rss.items()}
@@ -470,6 +487,10 @@ def run(args, cfg: dict[str, int], repeats: int, work: Path, size: int) -> None:
     print(
         f"  asymlora outputs from the seed+B file and the PEFT dir identical: "
         f"{checks['asymlora_outputs_identical']}"
+    )
+    print(
+        f"  asymlora values recomputed in float64 (float32 not provably exact): "
+        f"{checks['recomputed_in_float64']:,} ({checks['recomputed_in_float64'] / n:.3%})"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,6 @@ only ``B`` and a seed. This package never imports torch at import time; the torc
 layer is an optional extra (``pip install asymlora[torch]``).
 """
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from asymlora._native import FORMAT_VERSION, GENERATORS, AdapterFormatError
@@ -49,6 +48,15 @@ _TORCH_API = {
 
 
 def __getattr__(name: str) -> object:
+    if name == "__version__":  # looked up on first use: importlib.metadata is slow to import
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("asymlora")
+        except PackageNotFoundError:  # running from a source tree without an install
+            value = "0.0.0+unknown"
+        globals()["__version__"] = value
+        return value
     module = _TORCH_API.get(name)
     if module is None:
         raise AttributeError(f"module 'asymlora' has no attribute {name!r}")
@@ -60,11 +68,6 @@ def __getattr__(name: str) -> object:
 def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_TORCH_API))
 
-
-try:
-    __version__ = version("asymlora")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "FORMAT_VERSION",
