@@ -12,13 +12,18 @@
 //! The order of the operations is fixed in the source and is the same for every
 //! element, whatever the thread count or the SIMD width (work is split over rows, and
 //! vector lanes are different columns), and no fused multiply-add is ever used, so the
-//! result is the same to the bit on every machine. `W + acc` is rounded once: its exact
-//! value is first rounded to odd in the accumulation precision (an error-free
-//! `TwoSum` gives the rounding error), which a second rounding to the narrower output
-//! dtype (nearest, ties to even) does not disturb.
+//! result is the same to the bit on every machine.
 //!
-//! Precision: f32 accumulation for 16-bit outputs from 16- or 32-bit weights; f64 when
-//! the output is f32 or f64, or the weight is f64.
+//! Precision and rounding:
+//!
+//! * 16-bit outputs from 16- or 32-bit weights accumulate in f32. A per-element bound on
+//!   the f32 error ([`Guard`]) tells whether `round(W + acc)` is provably the rounding of
+//!   the exact value; the few elements where it is not (near a rounding boundary, or
+//!   where `W` and the update cancel) are recomputed from the exact factors in f64. So
+//!   every output is the exact `W + L·R` rounded once (up to f64's own error there).
+//! * f32 and f64 outputs, and f64 weights, accumulate in f64; `W + acc` is rounded to
+//!   odd (an error-free `TwoSum` gives the rounding error), which the one rounding to a
+//!   narrower output dtype (nearest, ties to even) does not disturb.
 
 use half::f16;
 use rayon::prelude::*;

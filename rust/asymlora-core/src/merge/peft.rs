@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use regex::Regex;
-use safetensors::Dtype as StDtype;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
@@ -493,11 +492,6 @@ impl PeftAdapter {
             full,
             warnings,
         })
-    }
-
-    /// Whether a full tensor's dtype is a float one (others are copied as they are).
-    pub fn full_dtype(&self, key: &str) -> Option<StDtype> {
-        self.file.tensor(key).ok().map(|(i, _)| i.dtype)
     }
 }
 
