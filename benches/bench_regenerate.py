@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 import asymlora
-from asymlora.demo import llama2_7b_modules
+from asymlora.generator_check import llama2_7b_modules
 
 
 def _shapes_and_streams() -> tuple[list[tuple[int, int]], list[int]]:

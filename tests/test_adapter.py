@@ -1001,7 +1001,7 @@ def test_documented_example(tmp_path, monkeypatch):
 
 def test_documented_llama_sizes():
     """The 'Size' section: Llama-2-7B shaped, r = 16 (the demo's module table)."""
-    from asymlora.demo import llama2_7b_modules
+    from asymlora.generator_check import llama2_7b_modules
 
     modules = llama2_7b_modules()
     assert len(modules) == 32 * 7

@@ -145,9 +145,9 @@ def test_version(cli_path):
     assert proc.stdout.split()[1] == asymlora.__version__
 
 
-def test_demo(cli_path, tmp_path):
+def test_generator_check(cli_path, tmp_path):
     out = tmp_path / "demo"
-    proc = run([cli_path, "demo", "--out", out, "--layers", "2"], timeout=300)
+    proc = run([cli_path, "generator-check", "--out", out, "--layers", "2"], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stdout.splitlines()
@@ -160,7 +160,7 @@ def test_demo(cli_path, tmp_path):
     assert table["q_proj"][-1] == "ok"  # stream 0 (layer 0 q_proj) is pinned for seed 0
     assert table["down_proj"][-1] == "ok"  # stream 6 (layer 0 down_proj)
 
-    report = json.loads((out / "demo.json").read_text())
+    report = json.loads((out / "generator-check.json").read_text())
     assert report["ok"] is True
     assert report["modules"] == 14
     assert report["seed"] == 0 and report["rank"] == 16
@@ -179,23 +179,23 @@ def test_demo(cli_path, tmp_path):
     assert opened.config.seed == 0
 
 
-def test_demo_other_seed_has_no_golden(cli_path, tmp_path):
-    proc = run([cli_path, "demo", "--out", tmp_path, "--layers", "1", "--seed", "5", "--rank", "4"])
+def test_generator_check_other_seed_has_no_golden(cli_path, tmp_path):
+    proc = run([cli_path, "generator-check", "--out", tmp_path, "--layers", "1", "--seed", "5", "--rank", "4"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads((tmp_path / "demo.json").read_text())
+    report = json.loads((tmp_path / "generator-check.json").read_text())
     assert report["ok"] is True
     assert {row["golden"] for row in report["rows"].values()} == {"n/a"}
     assert report["rows"]["q_proj"]["shape"] == [4, 4096]
 
 
-def test_demo_bad_arguments_give_one_line_error(cli_path, tmp_path):
-    proc = run([cli_path, "demo", "--out", tmp_path, "--layers", "0"])
+def test_generator_check_bad_arguments_give_one_line_error(cli_path, tmp_path):
+    proc = run([cli_path, "generator-check", "--out", tmp_path, "--layers", "0"])
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
 
 
-def test_demo_help(cli_path):
-    proc = run([cli_path, "demo", "--help"])
+def test_generator_check_help(cli_path):
+    proc = run([cli_path, "generator-check", "--help"])
     assert proc.returncode == 0
     for option in ("--out", "--layers", "--seed", "--rank"):
         assert option in proc.stdout
@@ -208,7 +208,7 @@ from asymlora import cli
 asymlora.random_orthogonal(2, 4, seed=0)
 asymlora.random_orthogonal_many([(2, 4)], seed=0, streams=[0], dtype="bfloat16")
 with tempfile.TemporaryDirectory() as d:
-    assert cli.main(["demo", "--out", d, "--layers", "1", "--rank", "2"]) == 0
+    assert cli.main(["generator-check", "--out", d, "--layers", "1", "--rank", "2"]) == 0
     path = next(pathlib.Path(d).glob("*.safetensors"))
     adapter = asymlora.read_adapter(path)
     adapter.lora_A(adapter.modules[0])

@@ -10,13 +10,15 @@ from typing import TYPE_CHECKING
 
 from asymlora._native import FORMAT_VERSION, GENERATORS, AdapterFormatError
 from asymlora.adapter import Adapter, AdapterConfig, ModuleConfig, read_adapter, write_adapter
-from asymlora.errors import AdapterMismatchError, SafetensorsError
+from asymlora.errors import AdapterMismatchError, DistributedMismatchError, SafetensorsError
 from asymlora.lora_config import LoraConfig
 from asymlora.offline_merge import MergeProgress, MergeReport, merge_files, unmerge_files
 from asymlora.orthogonal import gaussian_matrix, random_orthogonal, random_orthogonal_many
 
 if TYPE_CHECKING:  # static tools see the lazily loaded names below
     from asymlora.diagnostics import norm_report
+    from asymlora.distributed import adapter_fingerprint, check_ranks
+    from asymlora.integrations.transformers import AsymloraCallback
     from asymlora.interop.peft import export_peft, import_peft
     from asymlora.nn import (
         LoraLayer,
@@ -44,6 +46,9 @@ _TORCH_API = {
     "export_peft": "asymlora.interop.peft",
     "import_peft": "asymlora.interop.peft",
     "norm_report": "asymlora.diagnostics",
+    "check_ranks": "asymlora.distributed",
+    "adapter_fingerprint": "asymlora.distributed",
+    "AsymloraCallback": "asymlora.integrations.transformers",
 }
 
 
@@ -76,6 +81,8 @@ __all__ = [
     "AdapterConfig",
     "AdapterFormatError",
     "AdapterMismatchError",
+    "AsymloraCallback",
+    "DistributedMismatchError",
     "LoraConfig",
     "LoraLayer",
     "MergeProgress",
@@ -83,6 +90,8 @@ __all__ = [
     "ModuleConfig",
     "SafetensorsError",
     "__version__",
+    "adapter_fingerprint",
+    "check_ranks",
     "export_peft",
     "gaussian_matrix",
     "import_peft",

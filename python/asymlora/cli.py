@@ -2,7 +2,7 @@
 
 Commands implemented in Rust (``inspect``; more later) are parsed by the Rust
 command line, shared with the standalone binary. Commands that need Python
-(``demo``) are dispatched here first. Nothing here imports torch.
+(``demo``, ``generator-check``) are dispatched here first. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -18,14 +18,24 @@ def _demo(argv: Sequence[str]) -> int:
     return demo.main(argv)
 
 
+def _generator_check(argv: Sequence[str]) -> int:
+    from asymlora import generator_check
+
+    return generator_check.main(argv)
+
+
 PYTHON_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
-    "demo": (_demo, "Build a Llama-2-7B-shaped seed-plus-B adapter and verify every A"),
+    "demo": (_demo, "Fine-tune all-MiniLM-L6-v2 on movie reviews: B-only vs LoRA vs PEFT"),
+    "generator-check": (
+        _generator_check,
+        "Build a Llama-2-7B-shaped seed-plus-B adapter and verify every A",
+    ),
 }
 
 
 def _python_help() -> str:
     lines = ["Python commands:"]
-    lines += [f"  {name:<9} {about}" for name, (_, about) in PYTHON_COMMANDS.items()]
+    lines += [f"  {name:<16} {about}" for name, (_, about) in PYTHON_COMMANDS.items()]
     return "\n".join(lines)
 
 

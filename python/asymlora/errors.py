@@ -5,4 +5,19 @@
 # it from the offline merge; the torch layer raises the same class.
 from asymlora._native import AdapterFormatError, AdapterMismatchError, SafetensorsError
 
-__all__ = ["AdapterFormatError", "AdapterMismatchError", "SafetensorsError"]
+
+class DistributedMismatchError(ValueError):
+    """The ranks of a ``torch.distributed`` job hold different frozen adapter factors.
+
+    Every rank regenerates its frozen ``A`` from the seed instead of receiving it, so
+    they must agree on the seed, the adapted modules and their shapes. Raised on every
+    rank alike, with a message naming the ranks that differ and the likely cause.
+    """
+
+
+__all__ = [
+    "AdapterFormatError",
+    "AdapterMismatchError",
+    "DistributedMismatchError",
+    "SafetensorsError",
+]

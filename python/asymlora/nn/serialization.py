@@ -41,7 +41,15 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
     Stores ``B`` of every adapted layer, ``A`` only where the generator cannot rebuild
     it (trained, Kaiming-initialised or imported), and the full weights of
     ``modules_to_save``. A frozen orthogonal ``A`` costs 8 bytes of seed in the file.
+
+    Under ``torch.distributed`` only global rank 0 writes; the other ranks return
+    without writing. FSDP2-sharded factors (``DTensor``) are gathered first, which is
+    collective: then every rank must call it. A model inside
+    ``DistributedDataParallel`` may be passed as is.
     """
+    from asymlora import distributed  # imports the torch layer: not at the top
+
+    model = distributed.unwrap_parallel(model)
     config = config_of(model)
     layers = lora_layers(model)
     modules: dict[str, ModuleConfig] = {}
@@ -56,11 +64,13 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
             rank=None if rank == config.r else rank,
             alpha=None if alpha == config.alpha else alpha,
         )
-        tensors[f"{name}.lora_B"] = to_numpy(layer.lora_B)
+        tensors[f"{name}.lora_B"] = to_numpy(distributed.full_tensor(layer.lora_B))
         if not layer.a_regenerated:
-            tensors[f"{name}.lora_A"] = to_numpy(layer.lora_A)
+            tensors[f"{name}.lora_A"] = to_numpy(distributed.full_tensor(layer.lora_A))
     full = _saved_tensors(model, config)
-    tensors.update({k: to_numpy(v) for k, v in full.items()})
+    tensors.update({k: to_numpy(distributed.full_tensor(v)) for k, v in full.items()})
+    if not distributed.is_main_process():
+        return
     adapter_config = AdapterConfig(
         rank=config.r,
         alpha=config.alpha,
@@ -138,6 +148,9 @@ def _wrap_from_adapter(
         replace_module(model, place.name, layer)
     _copy_full_tensors(model, full, trainable=is_trainable)
     setattr(model, CONFIG_ATTR, _config_from(adapter, is_trainable))
+    from asymlora.distributed import exclude_frozen_factors_from_ddp
+
+    exclude_frozen_factors_from_ddp(model)  # every rank regenerates A: DDP need not send it
 
 
 def _load_into_wrapped(model: nn.Module, adapter: Adapter) -> None:
@@ -180,11 +193,12 @@ def _load_into_wrapped(model: nn.Module, adapter: Adapter) -> None:
             )
     _raise_if(problems, adapter)
     full = _check_full_tensors(model, adapter)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.lora_B.copy_(to_torch(adapter.lora_B(name)))
-            if cfg.modules[name].a_stored:
-                layer.lora_A.copy_(to_torch(adapter.lora_A(name)))
+    from asymlora.distributed import copy_into  # FSDP2-sharded factors take their part
+
+    for name, layer in layers.items():
+        copy_into(layer.lora_B, to_torch(adapter.lora_B(name)))
+        if cfg.modules[name].a_stored:
+            copy_into(layer.lora_A, to_torch(adapter.lora_A(name)))
     _copy_full_tensors(model, full, trainable=None)
 
 
@@ -256,14 +270,15 @@ def _copy_full_tensors(
 ) -> None:
     if not full:
         return
+    from asymlora.distributed import copy_into  # FSDP2-sharded tensors take their part
+
     owned = dict(model.named_parameters())
     owned.update(dict(model.named_buffers()))
-    with torch.no_grad():
-        for name, value in full.items():
-            target = owned[name]
-            target.copy_(value.to(target.dtype))
-            if trainable is not None and isinstance(target, nn.Parameter):
-                target.requires_grad_(trainable)
+    for name, value in full.items():
+        target = owned[name]
+        copy_into(target, value.to(target.dtype))
+        if trainable is not None and isinstance(target, nn.Parameter):
+            target.requires_grad_(trainable)
 
 
 def _saved_tensors(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:

@@ -33,7 +33,13 @@ class Target:
     fan_in_fan_out: bool
 
 
-def wrap(model: nn.Module, config: LoraConfig, *, threads: int | None = None) -> nn.Module:
+def wrap(
+    model: nn.Module,
+    config: LoraConfig,
+    *,
+    threads: int | None = None,
+    check_ranks: bool | None = None,
+) -> nn.Module:
     """Adds adapters to ``model`` in place and returns it.
 
     Every ``nn.Linear`` or transformers ``Conv1D`` selected by ``config.target_modules``
@@ -41,10 +47,22 @@ def wrap(model: nn.Module, config: LoraConfig, *, threads: int | None = None) ->
     ``config.modules_to_save``. Module ``i`` (in ``named_modules`` order) gets stream
     ``i``: its frozen ``A`` is ``random_orthogonal(r, d_in, seed=config.seed, stream=i)``.
 
+    Under ``torch.distributed`` every rank regenerates the same ``A``; nothing about it
+    is broadcast (frozen factors are on ``DistributedDataParallel``'s ignore list). With
+    ``check_ranks`` (``None``: when a process group of more than one rank is
+    initialised) all ranks first compare fingerprints of their config and frozen
+    factors, a collective that every rank must reach (see
+    :func:`asymlora.distributed.check_ranks`).
+
     Raises:
         ValueError: nothing matches, a match is not a supported layer, a rank exceeds
             a dimension, or the model is already wrapped. The model is left unchanged.
+        DistributedMismatchError: ranks disagree (e.g. a different seed per rank); on
+            every rank, the model left unchanged.
     """
+    from asymlora import distributed  # imports this module: not at the top
+
+
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be an asymlora.LoraConfig, got {type(config).__name__}")
     if is_wrapped(model):
@@ -52,6 +70,8 @@ def wrap(model: nn.Module, config: LoraConfig, *, threads: int | None = None) ->
     targets = find_targets(model, config)
     saved = _modules_to_save(model, config, {t.name for t in targets})
     layers = build_layers(targets, config, threads=threads)
+    if distributed.should_check(check_ranks):
+        distributed.check_layers([(t.name, layer) for t, layer in zip(targets, layers)], config)
     for p in model.parameters():
         p.requires_grad_(False)
     for target, layer in zip(targets, layers):
@@ -60,6 +80,7 @@ def wrap(model: nn.Module, config: LoraConfig, *, threads: int | None = None) ->
         for p in module.parameters():
             p.requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
+    distributed.exclude_frozen_factors_from_ddp(model)
     return model
 
 
@@ -139,6 +160,9 @@ def unwrap(model: nn.Module, *, merge: bool = True) -> nn.Module:
         replace_module(model, name, layer.base_layer)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
+    from asymlora.distributed import exclude_frozen_factors_from_ddp
+
+    exclude_frozen_factors_from_ddp(model)  # takes the adapter's names off DDP's list
     return model
 
 

@@ -1,4 +1,4 @@
-"""``asymlora demo``: the main job on a built-in default.
+"""``asymlora generator-check``: the generator and format, checked at Llama-2-7B scale.
 
 Builds a seed-plus-B adapter for every linear module of a Llama-2-7B-shaped model
 (32 layers; q, k, v, o 4096->4096; gate, up 4096->11008; down 11008->4096; r=16),
@@ -139,7 +139,7 @@ def run(out: Path, *, rank: int, seed: int, layers: int) -> dict:
         and r["golden"] != "MISMATCH"
         for r in rows.values()
     )
-    (out / "demo.json").write_text(json.dumps(report, indent=2))
+    (out / "generator-check.json").write_text(json.dumps(report, indent=2))
     print_report(report)
     return report
 
@@ -186,15 +186,15 @@ def _seed(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="asymlora demo",
+        prog="asymlora generator-check",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("asymlora-demo"),
-        help="output directory (default: ./asymlora-demo)",
+        default=Path("asymlora-generator-check"),
+        help="output directory (default: ./asymlora-generator-check)",
     )
     parser.add_argument("--seed", type=_seed, default=0, help="adapter seed (default: 0)")
     parser.add_argument(

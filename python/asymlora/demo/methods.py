@@ -1,0 +1,133 @@
+"""The fine-tuning methods the demo compares, and how each saves what it trained.
+
+Every method adapts the same modules with the same rank and trains the same fresh
+classifier head; they differ only in which low-rank factor is trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+#: every linear layer of the encoder (the pooler and the head are left out)
+TARGETS = (
+    "query",
+    "key",
+    "value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+HEAD = "classifier"
+RANK = 8
+ALPHA = 16
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named way to fine-tune: what is trained, what it is compared for."""
+
+    name: str
+    about: str
+    #: learning rates tried by ``asymlora demo --sweep``
+    sweep: tuple[float, ...]
+    #: the sweep's pick (see the README's "How the learning rates were chosen")
+    learning_rate: float
+
+
+LORA_SWEEP = (3e-4, 1e-3, 3e-3, 1e-2)
+HEAD_SWEEP = (1e-3, 3e-3, 1e-2, 3e-2)
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "asymlora-B", "asymlora, A random orthogonal and frozen, B trained", LORA_SWEEP, 3e-3
+        ),
+        Method("asymlora-AB", "asymlora, classic LoRA: Kaiming A and B trained", LORA_SWEEP, 1e-3),
+        Method(
+            "asymlora-A", "asymlora, B random orthogonal and frozen, A trained", LORA_SWEEP, 3e-3
+        ),
+        Method(
+            "peft-lora", "PEFT LoRA (the external reference), A and B trained", LORA_SWEEP, 1e-3
+        ),
+        Method(
+            "head-only",
+            "frozen encoder, only the classifier head trained (floor)",
+            HEAD_SWEEP,
+            1e-2,
+        ),
+    )
+}
+
+
+def prepare(name: str, model: nn.Module, seed: int) -> nn.Module:
+    """``model`` set up for method ``name``: adapters added, the right parameters trainable."""
+    if name == "peft-lora":
+        return _peft(model, seed)
+    if name == "head-only":
+        for param_name, param in model.named_parameters():
+            param.requires_grad_(param_name.startswith(HEAD + "."))
+        return model
+    return _asymlora(model, name.split("-", 1)[1], seed)
+
+
+def _asymlora(model: nn.Module, train: str, seed: int) -> nn.Module:
+    import asymlora
+
+    config = asymlora.LoraConfig(
+        r=RANK,
+        alpha=ALPHA,
+        target_modules=list(TARGETS),
+        train=train,
+        # classic LoRA starts like PEFT's: Kaiming-uniform A, B = 0
+        a_init="kaiming" if train == "AB" else "orthogonal",
+        seed=seed,
+        modules_to_save=[HEAD],
+    )
+    return asymlora.wrap(model, config)
+
+
+def _peft(model: nn.Module, seed: int) -> nn.Module:
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,  # makes the classifier a trained module_to_save
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=0.0,
+        target_modules=list(TARGETS),
+    )
+    torch.manual_seed(seed)  # PEFT draws its Kaiming A from the global generator
+    return get_peft_model(model, config)
+
+
+def save_trained(name: str, model: nn.Module, directory: Path) -> Path:
+    """Writes what a user of the method would ship; returns the file holding it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if name == "peft-lora":
+        model.save_pretrained(directory / name)
+        return directory / name / "adapter_model.safetensors"
+    path = directory / f"{name}.safetensors"
+    if name == "head-only":
+        from safetensors.torch import save_file
+
+        head = {
+            k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(HEAD)
+        }
+        save_file(head, path)
+    else:
+        import asymlora
+
+        asymlora.save_adapter(model, path)
+    return path
+
+
+def trainable_count(model: nn.Module) -> int:
+    """Parameters the optimizer updates (the head included)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,130 @@
+"""The demo's table, JSON and plot."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from asymlora.demo.train import RunResult
+
+
+@dataclass
+class MethodSummary:
+    """One method over all its seeds."""
+
+    method: str
+    learning_rate: float
+    accuracies: list[float]
+    trainable_parameters: int
+    adapter_bytes: int | None
+    median_step_s: float
+    peak_memory_mib: float
+    memory_kind: str
+
+    @property
+    def accuracy(self) -> float:
+        """Mean test accuracy over the seeds."""
+        return statistics.fmean(self.accuracies)
+
+    @property
+    def spread(self) -> float | None:
+        """Sample standard deviation over the seeds (None for one seed)."""
+        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else None
+
+
+def summarise(runs: list[RunResult]) -> list[MethodSummary]:
+    """Per method, in the order the methods first appear in ``runs``."""
+    names = list(dict.fromkeys(r.method for r in runs))
+    summaries = []
+    for name in names:
+        mine = [r for r in runs if r.method == name]
+        summaries.append(
+            MethodSummary(
+                method=name,
+                learning_rate=mine[0].learning_rate,
+                accuracies=[r.accuracy for r in mine],
+                trainable_parameters=mine[0].trainable_parameters,
+                adapter_bytes=mine[0].adapter_bytes,
+                median_step_s=statistics.median(r.median_step_s for r in mine),
+                peak_memory_mib=max(r.peak_memory_mib for r in mine),
+                memory_kind=mine[0].memory_kind,
+            )
+        )
+    return summaries
+
+
+def table(summaries: list[MethodSummary]) -> str:
+    """A fixed-width text table, one row per method."""
+    seeds = max(len(s.accuracies) for s in summaries)
+    accuracy_title = "test acc" if seeds == 1 else f"test acc ({seeds} seeds)"
+    head = (
+        f"{'method':<12} {'lr':>7} {accuracy_title:>19} {'trainable':>10} "
+        f"{'adapter bytes':>14} {'step ms':>8} {summaries[0].memory_kind + ' MiB':>17}"
+    )
+    lines = [head, "-" * len(head)]
+    for s in summaries:
+        acc = f"{s.accuracy:.4f}" + (f" ± {s.spread:.4f}" if s.spread is not None else "")
+        size = f"{s.adapter_bytes:,}" if s.adapter_bytes is not None else "-"
+        lines.append(
+            f"{s.method:<12} {s.learning_rate:>7.0e} {acc:>19} {s.trainable_parameters:>10,} "
+            f"{size:>14} {1000 * s.median_step_s:>8.0f} {s.peak_memory_mib:>17.0f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(summaries: list[MethodSummary], runs: list[RunResult], path: Path) -> None:
+    """Accuracy vs trainable parameters, and smoothed training-loss curves, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for s in summaries:
+        left.errorbar(
+            s.trainable_parameters,
+            s.accuracy,
+            yerr=s.spread or 0.0,
+            fmt="o",
+            capsize=3,
+            label=s.method,
+        )
+        left.annotate(
+            s.method,
+            (s.trainable_parameters, s.accuracy),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+        )
+    left.set_xscale("log")
+    left.set_xlabel("trainable parameters (log scale)")
+    left.set_ylabel("accuracy on held-out movies")
+    left.set_title("accuracy vs trainable parameters")
+    left.grid(alpha=0.3)
+    for s in summaries:
+        curve = _mean_curve([r.losses for r in runs if r.method == s.method])
+        right.plot(range(1, len(curve) + 1), _smooth(curve), label=s.method)
+    right.set_xlabel("step")
+    right.set_ylabel("training loss (moving average)")
+    right.set_title("training loss")
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    return [statistics.fmean(values) for values in zip(*curves)]
+
+
+def _smooth(values: list[float], window: int = 20) -> list[float]:
+    window = max(1, min(window, len(values) // 5 or 1))
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
