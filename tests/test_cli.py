@@ -180,7 +180,20 @@ def test_generator_check(cli_path, tmp_path):
 
 
 def test_generator_check_other_seed_has_no_golden(cli_path, tmp_path):
-    proc = run([cli_path, "generator-check", "--out", tmp_path, "--layers", "1", "--seed", "5", "--rank", "4"])
+    proc = run(
+        [
+            cli_path,
+            "generator-check",
+            "--out",
+            tmp_path,
+            "--layers",
+            "1",
+            "--seed",
+            "5",
+            "--rank",
+            "4",
+        ]
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "generator-check.json").read_text())
     assert report["ok"] is True

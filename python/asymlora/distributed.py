@@ -1,4 +1,4 @@
-"""``torch.distributed`` support: the same ``A`` on every rank, never broadcast; sharded ``B`` saved.
+"""``torch.distributed``: the same ``A`` on every rank, never broadcast; sharded ``B`` saved whole.
 
 Every rank regenerates its frozen ``A`` from (seed, stream) instead of receiving it, so
 a data-parallel job moves only ``B`` (and its gradients). This module
@@ -53,14 +53,24 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
     return model
 
 
+def model_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2's ``fully_shard`` swaps in a subclass ``FSDP<Name>``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return type(model)
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
 def adapter_fingerprint(model: nn.Module) -> int:
     """A 64-bit fingerprint of a wrapped model's config and frozen adapter factors.
 
     It covers the :class:`LoraConfig` and, per adapted module, its name, stream, rank,
-    shape, scale and the exact bits of every frozen factor (``A`` for ``train="B"``),
-    so two processes have equal fingerprints exactly when they would compute the same
-    adapter branch from the same ``B``. Computed on CPU (frozen factors are copied to
-    the host), deterministic across processes and machines.
+    shape, scale and the exact bits of every frozen factor (``A`` for ``train="B"``):
+    equal fingerprints mean (barring a 1 in 2**64 collision) that two processes compute
+    the same adapter branch from the same ``B``. Trained factors and base weights are
+    not covered. Computed on CPU (frozen factors are copied to the host); the same on
+    every process and machine for the same model, config and factors.
     """
     model = unwrap_parallel(model)
     return _Fingerprint.of(lora_layers(model), config_of(model)).value
@@ -281,10 +291,14 @@ def _cause(ref: _Fingerprint, other: _Fingerprint) -> str:
         ref_m = theirs[name]
         if m.header != ref_m.header:
             return f"{name} differs: {m.header} != {ref_m.header}: the models differ"
+        if m.digest != ref_m.digest and other.versions != ref.versions:
+            return (
+                f"{name}: the frozen factor differs bit-wise under the same config; the "
+                f"ranks run {other.versions} vs {ref.versions}: use the same everywhere"
+            )
         if m.digest != ref_m.digest:
             return (
-                f"{name}: the frozen factor differs bit-wise under the same config ("
-                f"{other.versions} vs {ref.versions}); use the same asymlora and torch "
-                "on every rank, and do not change frozen factors after wrapping"
+                f"{name}: the frozen factor differs bit-wise under the same config and "
+                f"software ({ref.versions}): was it changed after wrapping?"
             )
     return "the module order differs: the models differ"

@@ -316,7 +316,9 @@ def _config_from(adapter: Adapter, is_trainable: bool) -> LoraConfig:
 def _describe(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> dict[str, object]:
     # Informational (format v1 does not interpret base_model); PEFT export reads
     # fan_in_fan_out to mark GPT-2 style Conv1D weights.
-    description: dict[str, object] = {"class": type(model).__name__}
+    from asymlora.distributed import model_class
+
+    description: dict[str, object] = {"class": model_class(model).__name__}
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "")
     if name_or_path:
         description["name_or_path"] = str(name_or_path)

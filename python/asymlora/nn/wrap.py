@@ -62,7 +62,6 @@ def wrap(
     """
     from asymlora import distributed  # imports this module: not at the top
 
-
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be an asymlora.LoraConfig, got {type(config).__name__}")
     if is_wrapped(model):
