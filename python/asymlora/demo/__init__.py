@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from asymlora.demo.data import DemoDataError, Split, load_reviews, split_by_movie, subsample
-from asymlora.demo.methods import ALPHA, METHODS, RANK, TARGETS
+from asymlora.demo.methods import ALPHA, DEFAULT_METHODS, METHODS, RANK, TARGETS
 
 __all__ = ["Preset", "main"]
 
@@ -234,7 +234,7 @@ def _preset(args: argparse.Namespace) -> Preset:
 
 def _methods(text: str | None) -> list[str]:
     if text is None:
-        return list(METHODS)
+        return list(DEFAULT_METHODS)
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:

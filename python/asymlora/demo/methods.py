@@ -29,14 +29,22 @@ ALPHA = 16
 
 @dataclass(frozen=True)
 class Method:
-    """A named way to fine-tune: what is trained, what it is compared for."""
+    """A named way to fine-tune: what is trained, at which rank, with which learning rate."""
 
     name: str
     about: str
+    #: "B" | "AB" | "A" for asymlora, "peft" for PEFT LoRA, "head" for the head alone
+    kind: str
     #: learning rates tried by ``asymlora demo --sweep``
     sweep: tuple[float, ...]
     #: the sweep's pick (see the README's "How the learning rates were chosen")
     learning_rate: float
+    rank: int = RANK
+
+    @property
+    def alpha(self) -> int:
+        """Keeps ``alpha / r`` (the update's scale) the same at every rank."""
+        return ALPHA * self.rank // RANK
 
 
 LORA_SWEEP = (3e-4, 1e-3, 3e-3, 1e-2)
@@ -45,61 +53,54 @@ HEAD_SWEEP = (1e-3, 3e-3, 1e-2, 3e-2)
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method(
-            "asymlora-B", "asymlora, A random orthogonal and frozen, B trained", LORA_SWEEP, 3e-3
-        ),
-        Method("asymlora-AB", "asymlora, classic LoRA: Kaiming A and B trained", LORA_SWEEP, 1e-3),
-        Method(
-            "asymlora-A", "asymlora, B random orthogonal and frozen, A trained", LORA_SWEEP, 3e-3
-        ),
-        Method(
-            "peft-lora", "PEFT LoRA (the external reference), A and B trained", LORA_SWEEP, 1e-3
-        ),
-        Method(
-            "head-only",
-            "frozen encoder, only the classifier head trained (floor)",
-            HEAD_SWEEP,
-            1e-2,
-        ),
+        Method("asymlora-B", "A random orthogonal, frozen; B trained", "B", LORA_SWEEP, 1e-3),
+        Method("asymlora-AB", "classic LoRA: Kaiming A and B trained", "AB", LORA_SWEEP, 1e-3),
+        Method("asymlora-A", "B random orthogonal, frozen; A trained", "A", LORA_SWEEP, 1e-3),
+        Method("peft-lora", "PEFT LoRA (external reference)", "peft", LORA_SWEEP, 1e-3),
+        Method("head-only", "frozen encoder, classifier head trained", "head", HEAD_SWEEP, 3e-2),
+        # not run by default: B-only with the trainable-parameter budget of classic LoRA
+        Method("asymlora-B-2r", "B-only at twice the rank", "B", LORA_SWEEP, 1e-3, rank=2 * RANK),
     )
 }
+DEFAULT_METHODS = ("asymlora-B", "asymlora-AB", "asymlora-A", "peft-lora", "head-only")
 
 
 def prepare(name: str, model: nn.Module, seed: int) -> nn.Module:
     """``model`` set up for method ``name``: adapters added, the right parameters trainable."""
-    if name == "peft-lora":
-        return _peft(model, seed)
-    if name == "head-only":
+    method = METHODS[name]
+    if method.kind == "peft":
+        return _peft(model, method, seed)
+    if method.kind == "head":
         for param_name, param in model.named_parameters():
             param.requires_grad_(param_name.startswith(HEAD + "."))
         return model
-    return _asymlora(model, name.split("-", 1)[1], seed)
+    return _asymlora(model, method, seed)
 
 
-def _asymlora(model: nn.Module, train: str, seed: int) -> nn.Module:
+def _asymlora(model: nn.Module, method: Method, seed: int) -> nn.Module:
     import asymlora
 
     config = asymlora.LoraConfig(
-        r=RANK,
-        alpha=ALPHA,
+        r=method.rank,
+        alpha=method.alpha,
         target_modules=list(TARGETS),
-        train=train,
+        train=method.kind,
         # classic LoRA starts like PEFT's: Kaiming-uniform A, B = 0
-        a_init="kaiming" if train == "AB" else "orthogonal",
+        a_init="kaiming" if method.kind == "AB" else "orthogonal",
         seed=seed,
         modules_to_save=[HEAD],
     )
     return asymlora.wrap(model, config)
 
 
-def _peft(model: nn.Module, seed: int) -> nn.Module:
+def _peft(model: nn.Module, method: Method, seed: int) -> nn.Module:
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,  # makes the classifier a trained module_to_save
-        r=RANK,
-        lora_alpha=ALPHA,
+        r=method.rank,
+        lora_alpha=method.alpha,
         lora_dropout=0.0,
         target_modules=list(TARGETS),
     )
@@ -110,11 +111,12 @@ def _peft(model: nn.Module, seed: int) -> nn.Module:
 def save_trained(name: str, model: nn.Module, directory: Path) -> Path:
     """Writes what a user of the method would ship; returns the file holding it."""
     directory.mkdir(parents=True, exist_ok=True)
-    if name == "peft-lora":
+    kind = METHODS[name].kind
+    if kind == "peft":
         model.save_pretrained(directory / name)
         return directory / name / "adapter_model.safetensors"
     path = directory / f"{name}.safetensors"
-    if name == "head-only":
+    if kind == "head":
         from safetensors.torch import save_file
 
         head = {

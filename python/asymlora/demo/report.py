@@ -59,7 +59,7 @@ def table(summaries: list[MethodSummary]) -> str:
     seeds = max(len(s.accuracies) for s in summaries)
     accuracy_title = "test acc" if seeds == 1 else f"test acc ({seeds} seeds)"
     head = (
-        f"{'method':<12} {'lr':>7} {accuracy_title:>19} {'trainable':>10} "
+        f"{'method':<14} {'lr':>7} {accuracy_title:>19} {'trainable':>10} "
         f"{'adapter bytes':>14} {'step ms':>8} {summaries[0].memory_kind + ' MiB':>17}"
     )
     lines = [head, "-" * len(head)]
@@ -67,7 +67,7 @@ def table(summaries: list[MethodSummary]) -> str:
         acc = f"{s.accuracy:.4f}" + (f" ± {s.spread:.4f}" if s.spread is not None else "")
         size = f"{s.adapter_bytes:,}" if s.adapter_bytes is not None else "-"
         lines.append(
-            f"{s.method:<12} {s.learning_rate:>7.0e} {acc:>19} {s.trainable_parameters:>10,} "
+            f"{s.method:<14} {s.learning_rate:>7.0e} {acc:>19} {s.trainable_parameters:>10,} "
             f"{size:>14} {1000 * s.median_step_s:>8.0f} {s.peak_memory_mib:>17.0f}"
         )
     return "\n".join(lines)
@@ -88,20 +88,14 @@ def plot(summaries: list[MethodSummary], runs: list[RunResult], path: Path) -> N
             yerr=s.spread or 0.0,
             fmt="o",
             capsize=3,
-            label=s.method,
-        )
-        left.annotate(
-            s.method,
-            (s.trainable_parameters, s.accuracy),
-            textcoords="offset points",
-            xytext=(6, 4),
-            fontsize=8,
+            label=f"{s.method} ({s.trainable_parameters:,})",
         )
     left.set_xscale("log")
     left.set_xlabel("trainable parameters (log scale)")
     left.set_ylabel("accuracy on held-out movies")
     left.set_title("accuracy vs trainable parameters")
     left.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="lower right")
     for s in summaries:
         curve = _mean_curve([r.losses for r in runs if r.method == s.method])
         right.plot(range(1, len(curve) + 1), _smooth(curve), label=s.method)
