@@ -191,7 +191,7 @@ def _write_json(
     import transformers
 
     def run_record(r) -> dict:
-        return {k: v for k, v in asdict(r).items() if k not in ("predictions", "logits")}
+        return {k: v for k, v in asdict(r).items() if k != "logits"}
 
     document = {
         "preset": _preset_name(args),

@@ -155,3 +155,8 @@ def class_logits(model: nn.Module, data: Encoded, device: str) -> list[list[floa
             for i, row in zip(indices, logits.float().cpu().tolist()):
                 rows[i] = row
     return rows
+
+
+def predicted_class(logits: Sequence[float]) -> int:
+    """The index of the largest logit (the first one on a tie, as torch.argmax)."""
+    return max(range(len(logits)), key=logits.__getitem__)

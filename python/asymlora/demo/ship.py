@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asymlora.demo.data import Review
+from asymlora.demo.model import predicted_class
 
 # Runs in a fresh interpreter: transformers and torch only. Reads the test texts,
 # writes the merged model's logits, and proves asymlora was never imported.
@@ -92,7 +93,9 @@ def merge_and_reload(
     seconds = time.perf_counter() - start
     merged_logits = _plain_transformers_logits(merged, test, out, threads)
     diffs = [max(abs(a - b) for a, b in zip(x, y)) for x, y in zip(adapter_logits, merged_logits)]
-    same = sum(_argmax(x) == _argmax(y) for x, y in zip(adapter_logits, merged_logits))
+    same = sum(
+        predicted_class(x) == predicted_class(y) for x, y in zip(adapter_logits, merged_logits)
+    )
     return ShipResult(
         merged=str(merged),
         merge_seconds=seconds,
@@ -132,7 +135,3 @@ def _check_call(command: list[str], what: str) -> None:
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ShipError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
-
-
-def _argmax(row: list[float]) -> int:
-    return max(range(len(row)), key=row.__getitem__)

@@ -58,7 +58,6 @@ class RunResult:
     peak_memory_mib: float
     memory_kind: str
     losses: list[float]
-    predictions: list[int] = field(default_factory=list)
     logits: list[list[float]] = field(default_factory=list)
 
 
@@ -80,6 +79,7 @@ def run(job: Job) -> RunResult:
         load_classifier,
         load_tokenizer,
         model_path,
+        predicted_class,
         quiet_transformers,
     )
 
@@ -100,7 +100,7 @@ def run(job: Job) -> RunResult:
         torch.cuda.reset_peak_memory_stats()
     losses, step_times = _train(model, train, job)
     logits = class_logits(model, test, job.device)
-    predictions = [max(range(len(row)), key=row.__getitem__) for row in logits]
+    predictions = [predicted_class(row) for row in logits]
     adapter = methods.save_trained(job.method, model, job.out / "adapters") if job.out else None
     peak, kind = _peak_memory_mib(job.device)
     return RunResult(
@@ -115,7 +115,6 @@ def run(job: Job) -> RunResult:
         peak_memory_mib=peak,
         memory_kind=kind,
         losses=losses,
-        predictions=predictions,
         logits=logits,
     )
 
