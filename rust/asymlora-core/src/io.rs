@@ -13,7 +13,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::Mmap;
+#[cfg(unix)]
+use memmap2::UncheckedAdvice;
 use safetensors::tensor::View;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use serde::ser::{SerializeMap, Serializer};
@@ -180,31 +182,33 @@ impl SafetensorsFile {
     /// Maps the pages of `range` in one go before they are read (Linux 5.14+; elsewhere,
     /// or on failure, the pages fault in one by one as usual).
     pub fn prefetch(&self, range: Range<usize>) {
-        if range.is_empty() || range.end > self.mmap.len() {
-            return;
-        }
         #[cfg(target_os = "linux")]
-        let _ = self
-            .mmap
-            .advise_range(memmap2::Advice::PopulateRead, range.start, range.len());
+        if !range.is_empty() && range.end <= self.mmap.len() {
+            let _ = self
+                .mmap
+                .advise_range(memmap2::Advice::PopulateRead, range.start, range.len());
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = range;
     }
 
     /// Drops the mapped pages of `range` from this process's resident set (they stay
     /// in the page cache and are read back on the next access). Streaming code calls
     /// it after each piece of a large file, so resident memory stays bounded.
     pub fn release(&self, range: Range<usize>) {
-        if range.is_empty() || range.end > self.mmap.len() {
-            return;
-        }
-        // SAFETY: the map is a read-only, shared file mapping: MADV_DONTNEED only
-        // unmaps pages, and reading them again faults the same file contents back in.
-        // (The caller holds no references into `range` that it reads afterwards
-        // expecting other contents; the contents cannot change.)
         #[cfg(unix)]
-        let _ = unsafe {
-            self.mmap
-                .unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len())
-        };
+        if !range.is_empty() && range.end <= self.mmap.len() {
+            // SAFETY: the map is a read-only, shared file mapping: MADV_DONTNEED only
+            // unmaps pages, and reading them again faults the same file contents back in.
+            // (The caller holds no references into `range` that it reads afterwards
+            // expecting other contents; the contents cannot change.)
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len())
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = range;
     }
 
     /// Dtype, shape and little-endian bytes of tensor `name`.

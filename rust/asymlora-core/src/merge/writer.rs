@@ -494,13 +494,18 @@ fn config_with_dtype(text: &str, dtype: &str) -> Option<String> {
     changed.then(|| serde_json::to_string_pretty(&json).expect("JSON values serialise") + "\n")
 }
 
+/// Opens `path` for an fsync (Windows flushes a file only through a handle that may write).
+fn open_for_sync(path: &Path) -> std::io::Result<File> {
+    fs::OpenOptions::new().read(true).write(cfg!(windows)).open(path)
+}
+
 /// `fsync`s `paths`, in parallel: the kernel has been writing them back meanwhile, and
 /// flushing them together lets the device work on all at once.
 fn sync_all(paths: &[PathBuf]) -> Result<()> {
     std::thread::scope(|s| {
         let handles: Vec<_> = paths
             .iter()
-            .map(|p| s.spawn(move || File::open(p).and_then(|f| f.sync_all()).map_err(|e| Error::io(p, e))))
+            .map(|p| s.spawn(move || open_for_sync(p).and_then(|f| f.sync_all()).map_err(|e| Error::io(p, e))))
             .collect();
         handles.into_iter().try_for_each(|h| {
             h.join()
@@ -517,7 +522,8 @@ fn publish_dir(tmp: tempfile::TempDir, out: &Path, force: bool, fsync: bool, war
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).map_err(|e| Error::io(tmp.path(), e))?;
     }
-    if fsync {
+    // A directory cannot be opened as a file, hence not flushed, on Windows.
+    if fsync && cfg!(unix) {
         File::open(tmp.path())
             .and_then(|d| d.sync_all())
             .map_err(|e| Error::io(tmp.path(), e))?;
