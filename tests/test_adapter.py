@@ -345,6 +345,20 @@ def _d_in_zero(c, t):
     return with_module(c, UP, d_in=0), t
 
 
+# The format's rules live in the core (checked on every write and read, naming the
+# file); construction checks only what JSON needs to hold the format's types.
+def _rank_zero(c, t):
+    return dataclasses.replace(c, rank=0), t
+
+
+def _module_rank_zero(c, t):
+    return with_module(c, UP, rank=0), t
+
+
+def _bad_scaling(c, t):
+    return dataclasses.replace(c, scaling="alpha"), t
+
+
 # (mutation, substrings the message must contain)
 INVALID_CASES: dict[str, tuple[Mutation, tuple[str, ...]]] = {
     "b-shape": (_b_shape, (f'module "{Q}"', "lora_B", "shape", "[16, 5]", "[16, 4]")),
@@ -360,18 +374,19 @@ INVALID_CASES: dict[str, tuple[Mutation, tuple[str, ...]]] = {
     "full-tensor-is-factor": (_full_is_factor, ("config.full_tensors", f"{Q}.lora_B")),
     "no-modules": (_no_modules, ("config.modules", "empty")),
     "d_in-zero": (_d_in_zero, (f'module "{UP}"', "d_in")),
+    "rank-zero": (_rank_zero, ("config.rank", "at least 1")),
+    "module-rank-zero": (_module_rank_zero, (f'module "{UP}"', "rank", "at least 1")),
+    "bad-scaling": (_bad_scaling, ("scaling", "alpha/sqrt(r)")),
 }
 
 
 @pytest.mark.parametrize(
     ("changes", "needles"),
     [
-        ({"rank": 0}, ("config.rank", "got 0")),
         ({"seed": -1}, ("config.seed", "got -1")),
         ({"seed": 2**64}, ("config.seed",)),
         ({"alpha": float("nan")}, ("config.alpha", "finite")),
         ({"a_gain": float("inf")}, ("config.a_gain", "finite")),
-        ({"scaling": "alpha"}, ("config.scaling", "alpha/sqrt(r)")),
         ({"rank": 4.0}, ("config.rank", "integer")),
     ],
 )
@@ -386,7 +401,6 @@ def test_config_construction_names_the_bad_field(config, changes, needles):
     ("changes", "needles"),
     [
         ({"stream": -1}, ("stream", "got -1")),
-        ({"rank": 0}, ("rank", "got 0")),
         ({"alpha": float("nan")}, ("alpha", "finite")),
         ({"d_out": "8"}, ("d_out", "integer")),
     ],

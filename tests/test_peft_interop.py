@@ -437,7 +437,7 @@ def test_import_non_default_adapter_name(tmp_path):
     peft_model, peft_dir = _peft_dir(
         base, tmp_path, adapter_name="mine", r=2, lora_alpha=4, target_modules=["q_proj"]
     )
-    with pytest.raises(ValueError, match=r"subdirectories \['mine'\]"):
+    with pytest.raises(ValueError, match=r'subdirectories \["mine"\]'):
         import_peft(peft_dir, tmp_path / "a.safetensors")
     assert not (tmp_path / "a.safetensors").exists()
     path = import_peft(peft_dir / "mine", tmp_path / "a.safetensors")
@@ -563,7 +563,9 @@ def _edit_tensors(peft_dir: Path, edit: Callable[[dict], None]) -> None:
     safetensors_torch.save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _refused(peft_dir: Path, tmp_path: Path, match: str, error: type = ValueError) -> None:
+def _refused(
+    peft_dir: Path, tmp_path: Path, match: str, error: type = asymlora.AdapterFormatError
+) -> None:
     out = tmp_path / "out.safetensors"
     with pytest.raises(error, match=match):
         import_peft(peft_dir, out)
@@ -575,10 +577,10 @@ def test_refuses_dora(tmp_path):
     _, peft_dir = _peft_dir(
         Base("llama"), tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True
     )
-    _refused(peft_dir, tmp_path, "use_dora=True enables DoRA")
+    _refused(peft_dir, tmp_path, "use_dora: true enables DoRA")
     # DoRA tensors are refused even when the config does not say so.
     _edit_config(peft_dir, use_dora=False)
-    _refused(peft_dir, tmp_path, "lora_magnitude_vector: DoRA")
+    _refused(peft_dir, tmp_path, "lora_magnitude_vector: a DoRA magnitude vector")
 
 
 def test_refuses_pickle_only_dir(tmp_path):
@@ -602,7 +604,7 @@ def test_refuses_bias_all(tmp_path):
     _, peft_dir = _peft_dir(
         Base("llama"), tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"], bias="all"
     )
-    _refused(peft_dir, tmp_path, "bias='all'")
+    _refused(peft_dir, tmp_path, 'bias: "all" trains biases')
 
 
 def test_refuses_embedding_lora(tmp_path):
@@ -615,8 +617,8 @@ def test_refuses_embedding_lora(tmp_path):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (dict(peft_type="IA3"), "peft_type is 'IA3'"),
-        (dict(lora_bias=True), "lora_bias=True"),
+        (dict(peft_type="IA3"), 'peft_type: is "IA3"'),
+        (dict(lora_bias=True), "lora_bias: true"),
         (dict(alora_invocation_tokens=[1, 2]), "aLoRA"),
         (dict(layer_replication=[[0, 2], [1, 2]]), "layer replication"),
         (dict(r=3), "rank 2 but the config gives 3"),
@@ -659,7 +661,7 @@ def _quantised(t: dict) -> None:
                     )
                 }
             ),
-            "adapter name 'default'",
+            'adapter name "default"',
         ),
         (
             lambda t: t.pop(next(k for k in t if k.endswith("lora_B.weight"))),

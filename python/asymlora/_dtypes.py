@@ -26,14 +26,18 @@ SAFETENSORS_TO_NUMPY: dict[str, np.dtype] = {
 NUMPY_TO_SAFETENSORS: dict[np.dtype, str] = {v: k for k, v in SAFETENSORS_TO_NUMPY.items()}
 
 
-def dtype_name(dtype: DtypeLike) -> str:
-    """Our name for ``dtype`` ("float32", "float16" or "bfloat16"); strings pass through."""
+def dtype_name(dtype: object) -> str:
+    """Our name for ``dtype`` ("float32", "float16", "bfloat16", ...): strings pass
+    through, numpy dtypes (``ml_dtypes.bfloat16`` included) map to their names, and torch
+    dtypes (``torch.bfloat16``) lose their prefix, without importing torch. The core
+    parses and checks the name."""
     if isinstance(dtype, str):
         return dtype
     try:
-        np_dtype = np.dtype(dtype)
+        np_dtype = np.dtype(dtype)  # type: ignore[call-overload]
     except TypeError:
-        return str(dtype)
+        text = str(dtype)
+        return text[len("torch.") :] if text.startswith("torch.") else text
     for name, candidate in NUMPY_DTYPES.items():
         if candidate == np_dtype:
             return name

@@ -7,7 +7,6 @@ asked for. Validation (in the Rust core) happens on open and before any write.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,8 @@ from asymlora._validate import check_finite, check_uint
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-SCALINGS = ("alpha/r", "alpha/sqrt(r)")
+#: names of the scaling rules: ``s = alpha / r`` and ``s = alpha / sqrt(r)`` (rsLoRA)
+SCALINGS: tuple[str, ...] = tuple(_native.SCALINGS)
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,14 @@ class ModuleConfig:
     alpha: float | None = None
 
     def check(self, name: str) -> None:
-        """Raises ``ValueError`` naming the module and field of a bad value."""
+        """Raises ``ValueError`` naming the module and field of a value JSON cannot hold
+        as the format's type (an integer in ``[0, 2**64)``, a finite float). The format's
+        rules (ranges, streams, shapes) are checked by the core when the adapter is
+        written or read."""
         for field_name in ("d_in", "d_out", "stream"):
             check_uint(f"module {name!r}: {field_name}", getattr(self, field_name))
         if self.rank is not None:
-            check_uint(f"module {name!r}: rank", self.rank, minimum=1)
+            check_uint(f"module {name!r}: rank", self.rank)
         if self.alpha is not None:
             check_finite(f"module {name!r}: alpha", self.alpha)
 
@@ -68,29 +71,36 @@ class AdapterConfig:
     base_model: dict[str, Any] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        check_uint("config.rank", self.rank, minimum=1)
+        # Only what JSON needs to hold the format's types; the format's rules (rank >= 1,
+        # a known scaling and generator, distinct streams, r <= d_in, ...) live in the
+        # core, which checks them on every write and read and names the file.
+        check_uint("config.rank", self.rank)
         check_finite("config.alpha", self.alpha)
         check_uint("config.seed", self.seed)
         check_finite("config.a_gain", self.a_gain)
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"config.scaling must be one of {SCALINGS}, got {self.scaling!r}")
         for name, module in self.modules.items():
             module.check(name)
+
+    @property
+    def rslora(self) -> bool:
+        """Whether the scaling is rank-stabilised (``alpha / sqrt(r)``, PEFT's ``use_rslora``)."""
+        return self.scaling == _native.scaling_name(True)
 
     def module_rank(self, module: str) -> int:
         m = self.modules[module]
         return self.rank if m.rank is None else m.rank
 
-    def scale(self, module: str) -> float:
-        """The factor ``s`` in ``W + s * B @ A`` for ``module``."""
+    def module_alpha(self, module: str) -> float:
         m = self.modules[module]
-        alpha = self.alpha if m.alpha is None else m.alpha
-        r = self.module_rank(module)
-        if self.scaling == "alpha/r":
-            return alpha / r
-        if self.scaling == "alpha/sqrt(r)":
-            return alpha / math.sqrt(r)
-        raise ValueError(f"config.scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        return float(self.alpha if m.alpha is None else m.alpha)
+
+    def scale(self, module: str) -> float:
+        """The factor ``s`` in ``W + s * B @ A`` for ``module`` (the core's scaling rule).
+
+        Raises:
+            ValueError: ``scaling`` is not one of :data:`SCALINGS`.
+        """
+        return _native.scale(self.scaling, self.module_alpha(module), self.module_rank(module))
 
     def to_json(self) -> str:
         data = asdict(self)

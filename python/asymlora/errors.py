@@ -1,12 +1,26 @@
-"""Exceptions raised by asymlora (all subclass ``ValueError``)."""
+"""Exceptions raised by asymlora, all under :class:`AsymloraError`.
 
-# AdapterMismatchError (an adapter does not fit a model or checkpoint: missing module,
-# shape, rank, seed; nothing was changed) is defined in the native module, which raises
-# it from the offline merge; the torch layer raises the same class.
-from asymlora._native import AdapterFormatError, AdapterMismatchError, SafetensorsError
+Every data error subclasses both :class:`AsymloraError` and ``ValueError`` (what it was
+before the common base existed), so ``except AsymloraError`` catches everything asymlora
+refuses and ``except ValueError`` keeps working. Bad arguments raise plain
+``ValueError``/``TypeError`` and file-system failures the matching ``OSError``
+(``FileNotFoundError``, ``FileExistsError``, ...), as Python's own functions do.
+
+The classes raised by the Rust core are defined in the native module; the torch layer
+raises the same classes.
+"""
+
+from asymlora._native import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    AsymloraError,
+    CheckpointError,
+    NonFiniteError,
+    SafetensorsError,
+)
 
 
-class DistributedMismatchError(ValueError):
+class DistributedMismatchError(AsymloraError, ValueError):
     """The ranks of a ``torch.distributed`` job hold different frozen adapter factors.
 
     Every rank regenerates its frozen ``A`` from the seed instead of receiving it, so
@@ -18,6 +32,9 @@ class DistributedMismatchError(ValueError):
 __all__ = [
     "AdapterFormatError",
     "AdapterMismatchError",
+    "AsymloraError",
+    "CheckpointError",
     "DistributedMismatchError",
+    "NonFiniteError",
     "SafetensorsError",
 ]

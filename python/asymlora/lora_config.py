@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TypeVar, Union
 
+from asymlora import _native
 from asymlora._validate import check_finite, check_uint
 
 TRAIN_MODES = ("B", "A", "AB")
@@ -17,6 +18,7 @@ A_INITS = ("orthogonal", "kaiming")
 ALL_LINEAR = "all-linear"
 
 TargetModules = Union[str, Sequence[str]]
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,11 @@ class LoraConfig:
             raise ValueError("LoraConfig.modules_to_save must be a list of names, not a string")
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
         for key, rank in self.rank_pattern.items():
-            _compile("LoraConfig.rank_pattern key", key)
             check_uint(f"LoraConfig.rank_pattern[{key!r}]", rank, minimum=1)
         for key, alpha in self.alpha_pattern.items():
-            _compile("LoraConfig.alpha_pattern key", key)
             check_finite(f"LoraConfig.alpha_pattern[{key!r}]", alpha)
+        _pattern_rule(tuple(self.rank_pattern), "LoraConfig.rank_pattern")
+        _pattern_rule(tuple(self.alpha_pattern), "LoraConfig.alpha_pattern")
 
     @property
     def a_frozen(self) -> bool:
@@ -108,20 +110,21 @@ class LoraConfig:
         return any(suffix_matches(name, t) for t in self.modules_to_save)
 
     def rank_for(self, name: str) -> int:
-        return int(_pattern_value(self.rank_pattern, name, self.r))
+        """The rank of module ``name``: the first ``rank_pattern`` key selecting it, else ``r``."""
+        return int(pattern_value(self.rank_pattern, name, self.r))
 
     def alpha_for(self, name: str) -> float:
-        return float(_pattern_value(self.alpha_pattern, name, self.alpha))
+        """The alpha of module ``name``: the first ``alpha_pattern`` key selecting it, else ``alpha``."""
+        return float(pattern_value(self.alpha_pattern, name, self.alpha))
 
     def scale_for(self, name: str) -> float:
-        r = self.rank_for(name)
-        alpha = self.alpha_for(name)
-        return alpha / math.sqrt(r) if self.rslora else alpha / r
+        """``s`` in ``W + s * B @ A`` for module ``name`` (the core's scaling rule)."""
+        return _native.scale(self.scaling, self.alpha_for(name), self.rank_for(name))
 
     @property
     def scaling(self) -> str:
         """The adapter-file name of the scaling rule."""
-        return "alpha/sqrt(r)" if self.rslora else "alpha/r"
+        return _native.scaling_name(self.rslora)
 
 
 def suffix_matches(name: str, target: str) -> bool:
@@ -129,13 +132,20 @@ def suffix_matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def _pattern_value(patterns: Mapping[str, float], name: str, default: float) -> float:
-    # PEFT's rule: a key matches a module whose name ends with it, at a dot boundary;
-    # the first key in insertion order wins.
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
-            return value
-    return default
+def pattern_value(patterns: Mapping[str, V], name: str, default: V) -> V:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` rule (the core's): the value of the first
+    key, in insertion order, whose regex matches the end of ``name`` at a dot boundary,
+    else ``default``."""
+    if not patterns:
+        return default
+    keys = tuple(patterns)
+    index = _pattern_rule(keys).first_match(name)
+    return default if index is None else patterns[keys[index]]
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern_rule(keys: tuple[str, ...], what: str = "pattern") -> _native.PatternRule:
+    return _native.PatternRule(list(keys), what)
 
 
 def _compile(what: str, pattern: str) -> None:

@@ -13,12 +13,11 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, NamedTuple, Union
 
 from asymlora import _native
 from asymlora._dtypes import dtype_name
+from asymlora._validate import check_threads
 
 __all__ = ["MergeProgress", "MergeReport", "merge_files", "unmerge_files"]
 
@@ -34,65 +33,82 @@ class MergeProgress(NamedTuple):
     modules_total: int
 
 
-@dataclass(frozen=True)
-class MergeReport:
-    """What a merge did.
-
-    Attributes:
-        out: the output file or directory.
-        files: safetensors files (and the index) written, by name.
-        copied_files: other files of a model directory copied as they are (config,
-            tokenizer, ...); ``config.json`` gets the new ``torch_dtype`` with ``dtype``.
-        skipped: entries of the base directory not copied, with the reason (weights in
-            other formats, which would be stale, and subdirectories).
-        merged: weights changed by LoRA updates.
-        modules: adapter modules applied (each adapter counted).
-        replaced: tensors replaced by an adapter's full tensors (PEFT ``modules_to_save``).
-        converted: tensors only converted to ``dtype``.
-        unchanged: tensors copied bit for bit.
-        bytes: bytes of safetensors written.
-        nonfinite: values that became NaN or infinite (only with ``allow_nonfinite``).
-        merged_values: values of the merged weights.
-        recomputed: of those, values recomputed in float64 because float32 accumulation
-            could not prove their rounding (near a rounding boundary, or cancellation);
-            every value is the exact result rounded once either way.
-        warnings: the warnings also issued with :func:`warnings.warn`.
-    """
-
-    out: Path
-    files: tuple[str, ...]
-    copied_files: tuple[str, ...]
-    skipped: tuple[tuple[str, str], ...]
-    merged: int
-    modules: int
-    replaced: int
-    converted: int
-    unchanged: int
-    bytes: int
-    nonfinite: int
-    merged_values: int
-    recomputed: int
-    warnings: tuple[str, ...]
+#: What a merge did (frozen; built by the core). Attributes:
+#:
+#: - ``out``: the output file or directory (a ``Path``).
+#: - ``files``: safetensors files (and the index) written, by name.
+#: - ``copied_files``: other files of a model directory copied as they are (config,
+#:   tokenizer, ...); ``config.json`` gets the new ``torch_dtype`` with ``dtype``.
+#: - ``skipped``: ``(name, reason)`` for entries of the base directory not copied
+#:   (weights in other formats, which would be stale, and subdirectories).
+#: - ``merged``: weights changed by LoRA updates; ``modules``: adapter modules applied
+#:   (each adapter counted); ``replaced``: tensors replaced by an adapter's full tensors
+#:   (PEFT ``modules_to_save``); ``converted``: tensors only converted to ``dtype``;
+#:   ``unchanged``: tensors copied bit for bit; ``bytes``: bytes of safetensors written.
+#: - ``nonfinite``: values that became NaN or infinite (only with ``allow_nonfinite``).
+#: - ``merged_values``: values of the merged weights; ``recomputed``: of those, values
+#:   recomputed in float64 because float32 accumulation could not prove their rounding;
+#:   every value is the exact result rounded once either way.
+#: - ``warnings``: the warnings also issued with :func:`warnings.warn`.
+MergeReport = _native.MergeReport
 
 
 ProgressArg = Union[bool, Callable[[MergeProgress], object]]
 
 
-def merge_files(
-    base: PathLike,
-    adapters: PathLike | Sequence[PathLike],
-    out: PathLike,
-    *,
-    weights: Sequence[float] | None = None,
-    dtype: object = None,
-    threads: int | None = None,
-    progress: ProgressArg = False,
-    force: bool = False,
-    prefix_map: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
-    allow_nonfinite: bool = False,
-    fsync: bool = True,
-) -> MergeReport:
-    """Merges adapters into a checkpoint on disk: ``W' = W + sum_i w_i * s_i * B_i @ A_i``.
+def _merge_command(subtract: bool) -> Callable[..., MergeReport]:
+    """``merge_files`` (``subtract=False``) or ``unmerge_files``: one signature for both."""
+
+    def command(
+        base: PathLike,
+        adapters: PathLike | Sequence[PathLike],
+        out: PathLike,
+        *,
+        weights: Sequence[float] | None = None,
+        dtype: object = None,
+        threads: int | None = None,
+        progress: ProgressArg = False,
+        force: bool = False,
+        prefix_map: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        allow_nonfinite: bool = False,
+        fsync: bool = True,
+    ) -> MergeReport:
+        paths = _adapter_paths(adapters)
+        pairs = list(zip(paths, _weights(weights, len(paths))))
+        callback, close = _progress_callback(progress)
+        try:
+            report: MergeReport = _native.merge(
+                os.fspath(base),
+                pairs,
+                os.fspath(out),
+                dtype=None if dtype is None else dtype_name(dtype),
+                threads=check_threads(threads),
+                force=bool(force),
+                prefix_map=_prefix_pairs(prefix_map),
+                allow_nonfinite=bool(allow_nonfinite),
+                subtract=subtract,
+                fsync=bool(fsync),
+                progress=callback,
+            )
+        finally:
+            close()
+        _warn(report)
+        return report
+
+    return command
+
+
+def _warn(report: MergeReport) -> None:
+    for message in report.warnings:
+        warnings.warn(message, stacklevel=4)
+    if report.skipped:
+        listed = ", ".join(f"{name} ({why})" for name, why in report.skipped)
+        warnings.warn(f"not copied to {report.out}: {listed}", stacklevel=4)
+
+
+merge_files = _merge_command(subtract=False)
+merge_files.__name__ = merge_files.__qualname__ = "merge_files"
+merge_files.__doc__ = """Merges adapters into a checkpoint on disk: ``W' = W + sum_i w_i * s_i * B_i @ A_i``.
 
     Each merged weight is computed in float32 (float64 for float32/float64 outputs) from
     its stored dtype and rounded once, to nearest even, to the output dtype: the result
@@ -107,7 +123,8 @@ def merge_files(
         adapters: one or more asymlora adapter files (``A`` regenerated from the seed) or
             PEFT LoRA directories (``adapter_config.json`` + ``adapter_model.safetensors``;
             ``fan_in_fan_out``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern`` and
-            ``modules_to_save`` honoured; DoRA, quantised and pickle-only adapters refused).
+            ``modules_to_save`` honoured; DoRA, quantised and pickle-only adapters refused,
+            exactly as :func:`asymlora.import_peft` refuses them: one reader serves both).
         out: where to write; it appears only when complete (a failure or Ctrl-C leaves
             nothing under that name).
         weights: one weight per adapter (default 1 each); several adapters merge as the
@@ -115,9 +132,10 @@ def merge_files(
         dtype: output dtype of every floating-point tensor (``"bfloat16"``, ``"float16"``,
             ``"float32"``, a numpy or torch dtype); ``None`` keeps each tensor's dtype.
         threads: worker threads (default: all cores).
-        progress: ``True`` for a progress bar on stderr (tqdm when installed), or a
-            callable receiving :class:`MergeProgress`; an exception it raises stops the
-            merge (nothing is written) and propagates.
+        progress: ``True`` for a progress display on stderr (tqdm when installed and
+            stderr is a terminal, else a line now and then), or a callable receiving
+            :class:`MergeProgress`; an exception it raises stops the merge (nothing is
+            written) and propagates.
         force: replace an existing ``out`` (a file, or a directory holding only a model).
         prefix_map: ``{OLD: NEW}`` or ``[(OLD, NEW), ...]``: adapter module and tensor names
             starting with ``OLD`` are looked up in ``base`` as ``NEW`` instead (the first
@@ -135,123 +153,23 @@ def merge_files(
             problems and suggests a ``prefix_map`` when names differ by a prefix.
         AdapterFormatError: an adapter file or PEFT directory is malformed or unsupported.
         SafetensorsError: a corrupt or truncated safetensors file.
+        CheckpointError: a broken checkpoint directory (index, shards).
+        NonFiniteError: NaN/Inf values in an adapter, or a merged weight that overflows.
         FileExistsError: ``out`` exists (without ``force``), or is or holds an input.
         FileNotFoundError: an input or the parent directory of ``out`` is missing.
-        ValueError: bad arguments, a broken checkpoint directory, or NaN/Inf values.
+        ValueError: bad arguments.
         KeyboardInterrupt: Ctrl-C during the merge (nothing is written).
     """
-    return _run(
-        base,
-        adapters,
-        out,
-        weights=weights,
-        dtype=dtype,
-        threads=threads,
-        progress=progress,
-        force=force,
-        prefix_map=prefix_map,
-        allow_nonfinite=allow_nonfinite,
-        fsync=fsync,
-        subtract=False,
-    )
 
-
-def unmerge_files(
-    base: PathLike,
-    adapters: PathLike | Sequence[PathLike],
-    out: PathLike,
-    *,
-    weights: Sequence[float] | None = None,
-    dtype: object = None,
-    threads: int | None = None,
-    progress: ProgressArg = False,
-    force: bool = False,
-    prefix_map: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
-    allow_nonfinite: bool = False,
-    fsync: bool = True,
-) -> MergeReport:
-    """Subtracts adapters from a merged checkpoint: ``W' = W - sum_i w_i * s_i * B_i @ A_i``.
+unmerge_files = _merge_command(subtract=True)
+unmerge_files.__name__ = unmerge_files.__qualname__ = "unmerge_files"
+unmerge_files.__doc__ = """Subtracts adapters from a merged checkpoint: ``W' = W - sum_i w_i * s_i * B_i @ A_i``.
 
     The inverse of :func:`merge_files` with the same adapters and weights, up to the
     rounding of the merged weights (one rounding each way). Adapters with full tensors
-    (PEFT ``modules_to_save``) cannot be unmerged. Arguments as for :func:`merge_files`.
+    (PEFT ``modules_to_save``) cannot be unmerged. Arguments, result and errors as for
+    :func:`merge_files`.
     """
-    return _run(
-        base,
-        adapters,
-        out,
-        weights=weights,
-        dtype=dtype,
-        threads=threads,
-        progress=progress,
-        force=force,
-        prefix_map=prefix_map,
-        allow_nonfinite=allow_nonfinite,
-        fsync=fsync,
-        subtract=True,
-    )
-
-
-def _run(
-    base: PathLike,
-    adapters: PathLike | Sequence[PathLike],
-    out: PathLike,
-    *,
-    weights: Sequence[float] | None,
-    dtype: object,
-    threads: int | None,
-    progress: ProgressArg,
-    force: bool,
-    prefix_map: Mapping[str, str] | Sequence[tuple[str, str]] | None,
-    allow_nonfinite: bool,
-    fsync: bool,
-    subtract: bool,
-) -> MergeReport:
-    paths = _adapter_paths(adapters)
-    pairs = list(zip(paths, _weights(weights, len(paths))))
-    if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-    ):
-        raise ValueError(f"invalid argument `threads`: must be an integer >= 1, got {threads!r}")
-    callback, close = _progress_callback(progress)
-    try:
-        raw: dict[str, Any] = _native.merge(
-            os.fspath(base),
-            pairs,
-            os.fspath(out),
-            dtype=None if dtype is None else _dtype_arg(dtype),
-            threads=threads,
-            force=bool(force),
-            prefix_map=_prefix_pairs(prefix_map),
-            allow_nonfinite=bool(allow_nonfinite),
-            subtract=subtract,
-            fsync=bool(fsync),
-            progress=callback,
-        )
-    finally:
-        close()
-    report = MergeReport(
-        out=Path(raw["out"]),
-        files=tuple(raw["files"]),
-        copied_files=tuple(raw["copied_files"]),
-        skipped=tuple((str(n), str(why)) for n, why in raw["skipped"]),
-        merged=int(raw["merged"]),
-        modules=int(raw["modules"]),
-        replaced=int(raw["replaced"]),
-        converted=int(raw["converted"]),
-        unchanged=int(raw["unchanged"]),
-        bytes=int(raw["bytes"]),
-        nonfinite=int(raw["nonfinite"]),
-        merged_values=int(raw["merged_values"]),
-        recomputed=int(raw["recomputed"]),
-        warnings=tuple(raw["warnings"]),
-    )
-    for message in report.warnings:
-        warnings.warn(message, stacklevel=3)
-    if report.skipped:
-        listed = ", ".join(f"{name} ({why})" for name, why in report.skipped)
-        warnings.warn(f"not copied to {report.out}: {listed}", stacklevel=3)
-    return report
 
 
 def _adapter_paths(adapters: PathLike | Sequence[PathLike]) -> list[str]:
@@ -276,17 +194,6 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if bad:
         raise ValueError(f"invalid argument `weights`: must be finite numbers, got {bad[0]}")
     return values
-
-
-def _dtype_arg(dtype: object) -> str:
-    """A dtype name the core knows, from a string, numpy dtype or torch dtype."""
-    if isinstance(dtype, str):
-        return dtype
-    name = dtype_name(dtype)  # numpy dtypes and ml_dtypes.bfloat16
-    if name in ("float32", "float16", "bfloat16"):
-        return name
-    text = str(dtype)  # torch.bfloat16 -> "torch.bfloat16", without importing torch
-    return text[len("torch.") :] if text.startswith("torch.") else text
 
 
 def _prefix_pairs(
@@ -327,10 +234,12 @@ def _progress_callback(
         raise ValueError(
             f"invalid argument `progress`: expected True, False or a callable, got {progress!r}"
         )
+    if not sys.stderr.isatty():  # a log file or pipe: plain lines, no carriage returns
+        return _text_progress(terminal=False)
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return _text_progress()
+        return _text_progress(terminal=True)
     bars: list[Any] = []  # created at the first report, when the total is known
 
     def update(done: int, total: int, mdone: int, mtotal: int) -> None:
@@ -348,22 +257,32 @@ def _progress_callback(
     return update, close
 
 
-def _text_progress() -> tuple[Callable[[int, int, int, int], None], Callable[[], None]]:
-    """A one-line progress display on stderr, for when tqdm is not installed."""
+def _text_progress(
+    terminal: bool,
+) -> tuple[Callable[[int, int, int, int], None], Callable[[], None]]:
+    """Progress as text on stderr: one line redrawn in place on a terminal, else a new
+    line at each further tenth of the work (so logs get a few lines, not frames)."""
     shown = [False]
+    tenths = [-1]
 
     def update(done: int, total: int, mdone: int, mtotal: int) -> None:
         percent = 100.0 * done / total if total else 100.0
-        line = (
-            f"\rmerging: {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB ({percent:.0f}%), "
+        text = (
+            f"merging: {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB ({percent:.0f}%), "
             f"{mdone}/{mtotal} modules"
         )
-        sys.stderr.write(line)
+        if terminal:
+            sys.stderr.write("\r" + text)
+        elif int(percent // 10) > tenths[0]:
+            tenths[0] = int(percent // 10)
+            sys.stderr.write(text + "\n")
+        else:
+            return
         sys.stderr.flush()
         shown[0] = True
 
     def close() -> None:
-        if shown[0]:
+        if shown[0] and terminal:
             sys.stderr.write("\n")
             sys.stderr.flush()
 

@@ -9,17 +9,18 @@ asymlora adapter. PEFT stores the tensors of ``modules_to_save`` under
 ``base_model.model.`` plus their state-dict name in the base model (for example
 ``base_model.model.classifier.weight``), without the adapter name.
 
-Neither function needs torch: the safetensors files are read and written here with
-numpy (``ml_dtypes.bfloat16`` for bf16), so every dtype, bf16 included, round-trips bit
-for bit. (Export looks the base-model class up in transformers, if installed, for PEFT's
-``auto_mapping``.) A pickled ``adapter_model.bin`` is never opened.
+Neither function needs torch. Import goes through the core's PEFT reader (the one the
+offline merge and the CLI use); export writes the safetensors file through the core's
+writer from numpy arrays (``ml_dtypes.bfloat16`` for bf16), so every dtype, bf16
+included, round-trips bit for bit. (Export looks the base-model class up in
+transformers, if installed, for PEFT's ``auto_mapping``.) A pickled
+``adapter_model.bin`` is never opened.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import re
 import secrets
@@ -27,49 +28,29 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from asymlora._dtypes import SAFETENSORS_TO_NUMPY
-from asymlora._safetensors import SafetensorsFile, write_safetensors
-from asymlora._validate import list_problems
-from asymlora.adapter import AdapterConfig, ModuleConfig, PathLike, read_adapter, write_adapter
+from asymlora import _native
+from asymlora._safetensors import write_safetensors
+from asymlora._validate import check_uint
+from asymlora.adapter import AdapterConfig, PathLike, read_adapter
+from asymlora.lora_config import pattern_value
 
 __all__ = ["export_peft", "import_peft"]
 
-#: file names of a PEFT adapter directory
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-
-#: prefix PEFT gives every tensor key when saving a ``PeftModel``
-KEY_PREFIX = "base_model.model."
+#: file names of a PEFT adapter directory, and the prefix ``PeftModel.save_pretrained``
+#: gives every tensor key (the core's PEFT module owns them)
+CONFIG_NAME: str = _native.PEFT_CONFIG_NAME
+WEIGHTS_NAME: str = _native.PEFT_WEIGHTS_NAME
+PICKLE_WEIGHTS_NAME: str = _native.PEFT_PICKLE_WEIGHTS_NAME
+KEY_PREFIX: str = _native.PEFT_KEY_PREFIX
 
 # What ``PeftModel.save_pretrained`` may leave in an adapter directory: the only
 # entries an ``overwrite=True`` export replaces.
 _PEFT_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, "README.md"})
-
-# LoRA config fields that change what the adapter computes (or the model it applies
-# to) beyond ``W + s * B @ A`` on linear layers: field -> what it enables.
-_UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
-    "lora_bias": "a trained bias on lora_B",
-    "alora_invocation_tokens": "activated LoRA (aLoRA), applied only after invocation tokens",
-    "use_qalora": "QA-LoRA (pooled inputs on quantised layers)",
-    "layer_replication": "layer replication (changes the base model's layer stack)",
-    "trainable_token_indices": "trainable tokens (embedding deltas)",
-    "target_parameters": "LoRA on bare parameters (target_parameters)",
-    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
-    "arrow_config": "Arrow routing between adapters",
-    "kasa_config": "KaSA (a learned singular-value diagonal and a truncated base weight)",
-    "monteclora_config": "MonteCLoRA (variational sampling)",
-}
-
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
-_NAMED_LORA_KEY = re.compile(r"\.lora_[AB]\.(?P<adapter>[^.]+)\.weight$")
 
 
 # --------------------------------------------------------------------------- export
@@ -147,7 +128,7 @@ def export_peft(
         "target_modules": modules,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "use_rslora": cfg.scaling == "alpha/sqrt(r)",
+        "use_rslora": cfg.rslora,
         "fan_in_fan_out": bool(base.get("fan_in_fan_out", False)),
         "modules_to_save": saved or None,
         "lora_dropout": 0.0,
@@ -245,7 +226,7 @@ def _patterns(cfg: AdapterConfig, modules: list[str]) -> tuple[dict[str, int], d
     escaped regexes instead; the result is checked with PEFT's rule either way.
     """
     ranks = {n: cfg.module_rank(n) for n in modules}
-    alphas = {n: _module_alpha(cfg, n) for n in modules}
+    alphas = {n: cfg.module_alpha(n) for n in modules}
     rank_over = {n: r for n, r in ranks.items() if r != cfg.rank}
     alpha_over = {n: a for n, a in alphas.items() if a != cfg.alpha}
     for anchored in (False, True):
@@ -253,17 +234,12 @@ def _patterns(cfg: AdapterConfig, modules: list[str]) -> tuple[dict[str, int], d
         rank_pattern = {keys[n]: r for n, r in rank_over.items()}
         alpha_pattern = {keys[n]: _number(a) for n, a in alpha_over.items()}
         if all(
-            _pattern_value(rank_pattern, n, cfg.rank) == ranks[n]
-            and float(_pattern_value(alpha_pattern, n, cfg.alpha)) == alphas[n]
+            pattern_value(rank_pattern, n, cfg.rank) == ranks[n]
+            and float(pattern_value(alpha_pattern, n, cfg.alpha)) == alphas[n]
             for n in modules
         ):
             return rank_pattern, alpha_pattern
     raise AssertionError("anchored rank/alpha patterns always select their own module")
-
-
-def _module_alpha(cfg: AdapterConfig, module: str) -> float:
-    alpha = cfg.modules[module].alpha
-    return float(cfg.alpha if alpha is None else alpha)
 
 
 def _auto_mapping(class_name: object) -> dict[str, str] | None:
@@ -292,32 +268,30 @@ def _auto_mapping(class_name: object) -> dict[str, str] | None:
 # --------------------------------------------------------------------------- import
 
 
-@dataclass
-class _Factors:
-    a: str | None = None
-    b: str | None = None
-
-
 def import_peft(peft_dir: PathLike, path: PathLike, *, seed: int = 0) -> Path:
     """Converts the PEFT LoRA directory ``peft_dir`` into an asymlora adapter file ``path``.
 
-    Every ``A`` is stored (``a_stored``), so the seed does not matter for the factors.
-    Ranks come from the tensor shapes and must agree with PEFT's ``r``/``rank_pattern``;
-    alphas follow ``lora_alpha``/``alpha_pattern`` with PEFT's matching rule;
-    ``use_rslora`` becomes scaling ``"alpha/sqrt(r)"``. Tensors of ``modules_to_save``
-    become full tensors under the model's state-dict names (``classifier.weight``), and
-    ``base_model`` records ``name_or_path`` and ``fan_in_fan_out``. Dtypes are kept bit
-    for bit. Load the result with :func:`asymlora.load_adapter` into the same base model.
-    Integer tensors of ``modules_to_save`` (counters such as BatchNorm's
-    ``num_batches_tracked``) are skipped with a warning, as ``save_adapter`` skips them.
+    The directory is read by the core's PEFT reader, the same one ``asymlora merge`` and
+    :func:`asymlora.merge_files` use, so a directory is accepted or refused alike by all
+    three, with the same exception and message. Every ``A`` is stored (``a_stored``), so
+    the seed does not matter for the factors. Ranks come from the tensor shapes and must
+    agree with PEFT's ``r``/``rank_pattern``; alphas follow ``lora_alpha``/``alpha_pattern``
+    with PEFT's matching rule; ``use_rslora`` becomes scaling ``"alpha/sqrt(r)"``. Float
+    tensors of ``modules_to_save`` become full tensors under the model's state-dict names
+    (``classifier.weight``), and ``base_model`` records ``class``, ``name_or_path``,
+    ``revision`` and ``fan_in_fan_out``. Dtypes are kept bit for bit. Load the result with
+    :func:`asymlora.load_adapter` into the same base model. Integer tensors of
+    ``modules_to_save`` (counters such as BatchNorm's ``num_batches_tracked``) are
+    skipped with a warning, as ``save_adapter`` skips them.
 
     PEFT saves an adapter with a non-default name in a subdirectory named after it; pass
     that subdirectory. Adapters whose initialisation rewrote the base weights (PiSSA,
     OLoRA, CorDA, LoftQ, unless converted when saved) need that rewritten base model, as
-    with PEFT itself.
+    with PEFT itself; a warning says so.
 
     Args:
-        peft_dir: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        peft_dir: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``
+            (or that ``adapter_model.safetensors`` itself).
         path: the adapter file to write (atomically; an existing file is replaced).
         seed: the adapter seed recorded in the file, ``0 <= seed < 2**64``.
 
@@ -326,291 +300,19 @@ def import_peft(peft_dir: PathLike, path: PathLike, *, seed: int = 0) -> Path:
 
     Raises:
         FileNotFoundError: ``peft_dir`` does not exist.
-        ValueError: the directory is not a plain PEFT LoRA adapter asymlora can hold:
-            another PEFT method, DoRA or another LoRA variant, ``bias`` other than
-            ``"none"``, only a pickled ``adapter_model.bin``, embedding or convolution
-            LoRA, non-float (quantised) tensors, unrecognised tensor names, or ranks that
-            disagree with the config. Nothing is written then.
+        AdapterFormatError: the directory is not a plain PEFT LoRA adapter asymlora can
+            hold (a ``ValueError``): another PEFT method, DoRA or another LoRA variant,
+            ``bias`` other than ``"none"``, only a pickled ``adapter_model.bin``,
+            embedding or convolution LoRA, non-float (quantised) factors, unrecognised
+            tensor names, or ranks that disagree with the config. Nothing is written then.
     """
-    src = Path(peft_dir)
-    config = _read_peft_config(src)
-    _check_supported(config, src)
-    weights = _weights_file(src)
-    st = SafetensorsFile(weights)
-
-    rank = _config_int(config, "r", 8, src)
-    alpha = _config_float(config, "lora_alpha", 8.0, src)
-    rank_pattern = _config_mapping(config, "rank_pattern", src)
-    alpha_pattern = _config_mapping(config, "alpha_pattern", src)
-    saved_targets = config.get("modules_to_save") or []
-    if isinstance(saved_targets, str) or not all(isinstance(t, str) for t in saved_targets):
-        raise ValueError(f"{src / CONFIG_NAME}: modules_to_save must be a list of module names")
-
-    factors, full, skipped, problems = _classify_keys(st, saved_targets)
-    modules, tensors_to_read = _module_configs(
-        st, factors, rank, alpha, rank_pattern, alpha_pattern, problems
-    )
-    if problems:
-        raise ValueError(
-            f"{src} cannot be imported ({len(problems)} problem(s)); nothing was written:"
-            f"{list_problems(problems)}"
-        )
-    for key in skipped:
-        warnings.warn(
-            f"{weights}: skipping the integer tensor {key} ({st.entries[key].dtype}) of "
-            "modules_to_save; asymlora adapters hold float tensors only",
-            stacklevel=2,
-        )
-    tensors_to_read.update(full)
-
-    base_model: dict[str, Any] = {}
-    auto_mapping = config.get("auto_mapping")
-    if isinstance(auto_mapping, Mapping) and isinstance(auto_mapping.get("base_model_class"), str):
-        base_model["class"] = auto_mapping["base_model_class"]
-    for field_name, ours in (("base_model_name_or_path", "name_or_path"), ("revision", "revision")):
-        value = config.get(field_name)
-        if isinstance(value, str) and value:
-            base_model[ours] = value
-    base_model["fan_in_fan_out"] = bool(config.get("fan_in_fan_out", False))
-
-    adapter_config = AdapterConfig(
-        rank=rank,
-        alpha=alpha,
-        seed=seed,
-        modules=modules,
-        scaling="alpha/sqrt(r)" if config.get("use_rslora") else "alpha/r",
-        full_tensors=tuple(full),
-        base_model=base_model,
-    )
-    arrays = st.read(tensors_to_read)
-    write_adapter(path, adapter_config, arrays)
+    check_uint("seed", seed)
+    for message in _native.import_peft(os.fspath(peft_dir), os.fspath(path), seed):
+        warnings.warn(message, stacklevel=2)
     return Path(path)
 
 
-def _classify_keys(
-    st: SafetensorsFile, saved_targets: list[str]
-) -> tuple[dict[str, _Factors], dict[str, str], list[str], list[str]]:
-    """Sorts the file's tensors into LoRA factors per module, full tensors
-    (``{state-dict name: key}``), skipped integer tensors and problems."""
-    factors: dict[str, _Factors] = {}
-    full: dict[str, str] = {}
-    skipped: list[str] = []
-    problems: list[str] = []
-    for key in st.names:
-        name = key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
-        dtype = st.entries[key].dtype
-        problem = _refused_key(name)
-        match = _LORA_KEY.match(name)
-        if problem:
-            problems.append(f"{key}: {problem}")
-        elif match:
-            entry = factors.setdefault(match["module"], _Factors())
-            factor = match["factor"].lower()
-            if getattr(entry, factor) is not None:
-                problems.append(f"{key}: the factor is in the file twice (with and without prefix)")
-            setattr(entry, factor, key)
-        elif _in_modules_to_save(name, saved_targets):
-            if name in full:
-                problems.append(f"{key}: the tensor is in the file twice (with and without prefix)")
-            elif dtype in SAFETENSORS_TO_NUMPY:
-                full[name] = key
-            elif dtype in _INTEGER_CODES:
-                skipped.append(key)
-            else:
-                problems.append(f"{key}: dtype {dtype} is not a float dtype")
-        else:
-            named = _NAMED_LORA_KEY.search(name)
-            hint = (
-                f" (it carries the adapter name {named['adapter']!r}: a raw model state dict, "
-                "not what PeftModel.save_pretrained writes)"
-                if named
-                else " (neither a LoRA factor nor a tensor of modules_to_save)"
-            )
-            problems.append(f"{key}: unrecognised tensor name{hint}")
-    if not factors and not problems:
-        problems.append("no LoRA factors (*.lora_A.weight / *.lora_B.weight) in the file")
-    return factors, full, skipped, problems
-
-
-def _module_configs(
-    st: SafetensorsFile,
-    factors: Mapping[str, _Factors],
-    rank: int,
-    alpha: float,
-    rank_pattern: Mapping[str, Any],
-    alpha_pattern: Mapping[str, Any],
-    problems: list[str],
-) -> tuple[dict[str, ModuleConfig], dict[str, str]]:
-    """One module entry (every ``A`` stored) per module whose factors pass the checks, and
-    ``{our tensor name: key}``; appends what fails to ``problems``."""
-    modules: dict[str, ModuleConfig] = {}
-    tensors_to_read: dict[str, str] = {}  # our name -> key in the file
-    for stream, module in enumerate(sorted(factors, key=_natural_key)):
-        entry = factors[module]
-        if entry.a is None or entry.b is None:
-            missing = "lora_A" if entry.a is None else "lora_B"
-            problems.append(f"{module}: {missing}.weight is missing")
-            continue
-        a, b = st.entries[entry.a], st.entries[entry.b]
-        bad_dtype = [e for e in (a, b) if e.dtype not in SAFETENSORS_TO_NUMPY]
-        if bad_dtype:
-            codes = ", ".join(sorted({e.dtype for e in bad_dtype}))
-            problems.append(
-                f"{module}: factor dtype {codes} is not F16/BF16/F32/F64 "
-                "(quantised LoRA factors are not supported)"
-            )
-            continue
-        if len(a.shape) != 2 or len(b.shape) != 2:
-            problems.append(
-                f"{module}: factors of shape {list(a.shape)} and {list(b.shape)} are not "
-                "matrices (convolution LoRA is not supported)"
-            )
-            continue
-        r, d_in = a.shape
-        d_out, r_b = b.shape
-        if r != r_b or r == 0 or d_in == 0 or d_out == 0:
-            problems.append(
-                f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not form "
-                "a rank-r product"
-            )
-            continue
-        expected = _pattern_value(rank_pattern, module, rank)
-        if r != expected:
-            problems.append(
-                f"{module}: the factors have rank {r} but the config gives {expected} "
-                "(r / rank_pattern); PEFT could not load this adapter"
-            )
-            continue
-        module_alpha = float(_pattern_value(alpha_pattern, module, alpha))
-        modules[module] = ModuleConfig(
-            d_in=d_in,
-            d_out=d_out,
-            stream=stream,
-            a_stored=True,
-            rank=None if r == rank else r,
-            alpha=None if module_alpha == alpha else module_alpha,
-        )
-        tensors_to_read[f"{module}.lora_A"] = entry.a
-        tensors_to_read[f"{module}.lora_B"] = entry.b
-    return modules, tensors_to_read
-
-
-def _read_peft_config(src: Path) -> dict[str, Any]:
-    if not src.exists():
-        raise FileNotFoundError(f"PEFT adapter directory {src} does not exist")
-    if not src.is_dir():
-        raise ValueError(f"{src} is not a directory; pass a PEFT adapter directory")
-    config_path = src / CONFIG_NAME
-    if not config_path.is_file():
-        nested = sorted(p.name for p in src.iterdir() if (p / CONFIG_NAME).is_file())
-        if nested:
-            raise ValueError(
-                f"{src} has no {CONFIG_NAME} but holds adapters in subdirectories {nested} "
-                "(PEFT saves adapters with a non-default name there); pass one of them"
-            )
-        raise ValueError(f"{src} has no {CONFIG_NAME}; it is not a PEFT adapter directory")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} does not hold a JSON object")
-    return config
-
-
-def _check_supported(config: Mapping[str, Any], src: Path) -> None:
-    where = src / CONFIG_NAME
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise ValueError(
-            f"{where}: peft_type is {peft_type!r}; only LoRA adapters (peft_type 'LORA') "
-            "can be imported"
-        )
-    bias = config.get("bias", "none")
-    if bias not in (None, "none"):
-        raise ValueError(
-            f"{where}: bias={bias!r} trains biases of the base model; only bias='none' "
-            "can be imported"
-        )
-    for field_name, what in _UNSUPPORTED_FIELDS.items():
-        if config.get(field_name):
-            raise ValueError(
-                f"{where}: {field_name}={config[field_name]!r} enables {what}, which asymlora "
-                "adapters cannot hold"
-            )
-
-
-def _weights_file(src: Path) -> Path:
-    weights = src / WEIGHTS_NAME
-    if weights.is_file():
-        return weights
-    if (src / PICKLE_WEIGHTS_NAME).exists():
-        raise ValueError(
-            f"{src} holds only {PICKLE_WEIGHTS_NAME}, a pickle, which asymlora never loads "
-            "(unpickling can run arbitrary code); re-save the adapter with "
-            f"save_pretrained(..., safe_serialization=True) to get {WEIGHTS_NAME}"
-        )
-    raise ValueError(f"{src} has no {WEIGHTS_NAME}")
-
-
-def _refused_key(name: str) -> str | None:
-    """Why a (prefix-stripped) tensor name is refused outright, or ``None``."""
-    if "lora_magnitude_vector" in name:
-        return "DoRA magnitude vector (DoRA adapters are not supported)"
-    if re.search(r"(^|\.)lora_embedding_[AB](\.|$)", name):
-        return "embedding LoRA (LoRA on nn.Embedding is not supported)"
-    if re.search(r"\.lora_B\.bias$", name):
-        return "a bias on lora_B (lora_bias is not supported)"
-    return None
-
-
-def _in_modules_to_save(name: str, targets: Iterable[str]) -> bool:
-    """Whether PEFT's ``modules_to_save`` rule (a module name ending with a target) owns it."""
-    parts = name.split(".")
-    owners = [".".join(parts[:i]) for i in range(1, len(parts))]
-    return any(owner.endswith(t) for owner in owners for t in targets)
-
-
-def _config_int(config: Mapping[str, Any], key: str, default: int, src: Path) -> int:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{src / CONFIG_NAME}: {key} must be a positive integer, got {value!r}")
-    return value
-
-
-def _config_float(config: Mapping[str, Any], key: str, default: float, src: Path) -> float:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{src / CONFIG_NAME}: {key} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _config_mapping(config: Mapping[str, Any], key: str, src: Path) -> dict[str, Any]:
-    value = config.get(key) or {}
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{src / CONFIG_NAME}: {key} must be an object, got {value!r}")
-    for pattern, number in value.items():
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ValueError(f"{src / CONFIG_NAME}: {key}[{pattern!r}] must be a number")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(
-                f"{src / CONFIG_NAME}: {key} key {pattern!r} is not a valid regex: {exc}"
-            ) from None
-    return dict(value)
-
-
 # --------------------------------------------------------------------------- shared
-
-
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key`` rule: the first key (a regex) matching the tail of
-    ``name`` after a dot, else an exact-name lookup, else ``default``."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return patterns[key]
-    return patterns.get(name, default)
 
 
 def _number(value: float) -> int | float:
@@ -622,11 +324,6 @@ def _number(value: float) -> int | float:
 def _natural_key(name: str) -> list[Any]:
     """Sort key putting ``layers.2`` before ``layers.10``."""
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
-
-
-# --------------------------------------------------------------------------- safetensors
-
-_INTEGER_CODES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -83,6 +83,27 @@ impl<'de> serde::Deserialize<'de> for Dtype {
     }
 }
 
+/// The floating-point safetensors dtypes: what adapter factors, full tensors and merged
+/// weights may be stored as.
+pub const FLOAT_DTYPES: [safetensors::Dtype; 4] = [
+    safetensors::Dtype::F16,
+    safetensors::Dtype::BF16,
+    safetensors::Dtype::F32,
+    safetensors::Dtype::F64,
+];
+
+/// Whether `dtype` is one of [`FLOAT_DTYPES`].
+pub fn is_float(dtype: safetensors::Dtype) -> bool {
+    FLOAT_DTYPES.contains(&dtype)
+}
+
+/// The safetensors dtype a file header writes as `code` ("F32", "BF16", "I64", ...).
+/// The names are the safetensors crate's own (its `Display` writes them), so they are
+/// parsed by its own deserializer rather than by a second table here.
+pub fn st_dtype_from_code(code: &str) -> Option<safetensors::Dtype> {
+    serde_json::from_value(serde_json::Value::String(code.to_string())).ok()
+}
+
 /// `x` rounded to `f32` toward zero, with the last bit forced to 1 when inexact.
 pub fn f32_round_to_odd(x: f64) -> f32 {
     let nearest = x as f32;
@@ -161,6 +182,25 @@ impl Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn safetensors_codes_round_trip() {
+        use safetensors::Dtype as St;
+        for d in [
+            St::F64,
+            St::F32,
+            St::F16,
+            St::BF16,
+            St::I64,
+            St::U8,
+            St::BOOL,
+            St::F8_E4M3,
+        ] {
+            assert_eq!(st_dtype_from_code(&d.to_string()), Some(d));
+        }
+        assert_eq!(st_dtype_from_code("float32"), None);
+        assert!(is_float(St::BF16) && !is_float(St::I64));
+    }
 
     #[test]
     fn names_round_trip() {

@@ -52,6 +52,22 @@ pub enum Error {
     },
 }
 
+/// At most this many problems are listed in one error message.
+pub(crate) const SHOWN_PROBLEMS: usize = 10;
+
+/// The first [`SHOWN_PROBLEMS`] problems, one per indented line, and how many more there are.
+pub(crate) fn problem_list(problems: &[String]) -> String {
+    let mut text: String = problems
+        .iter()
+        .take(SHOWN_PROBLEMS)
+        .map(|p| format!("\n  - {p}"))
+        .collect();
+    if problems.len() > SHOWN_PROBLEMS {
+        text.push_str(&format!("\n  ... and {} more", problems.len() - SHOWN_PROBLEMS));
+    }
+    text
+}
+
 impl Error {
     pub fn invalid(name: &'static str, message: impl Into<String>) -> Self {
         Error::InvalidArgument {
@@ -72,6 +88,14 @@ impl Error {
             path: path.as_ref().display().to_string(),
             message: message.into(),
         }
+    }
+
+    /// `path` does not exist (a `FileNotFoundError` in Python).
+    pub fn not_found(path: impl Into<PathBuf>) -> Self {
+        Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "does not exist"),
+        )
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

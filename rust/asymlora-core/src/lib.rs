@@ -6,6 +6,7 @@
 //! * [`dtype`] — the output dtypes and their one-time rounding from `f64`.
 //! * [`io`] — safetensors files: mapped reading, atomic writing with reproducible bytes.
 //! * [`adapter`] — the seed-plus-B adapter file format v1 (read, validate, write, inspect).
+//! * [`peft`] — PEFT LoRA adapter directories: the one reader, PEFT's pattern rule, import.
 //! * [`merge`] — offline, streaming merge of adapters (ours or PEFT's) into safetensors checkpoints.
 
 pub mod adapter;
@@ -15,6 +16,7 @@ pub mod householder;
 pub mod io;
 pub mod merge;
 pub mod orthogonal;
+pub mod peft;
 pub mod prng;
 
 pub use dtype::{Dtype, Matrix};

@@ -1,46 +1,16 @@
-//! Adapter-file bindings. Tensors cross as (dtype name, shape, bytearray); the
-//! Python layer wraps them as numpy arrays.
+//! Adapter-file bindings: the v1 file, its config checks and the scaling rule.
 
 use std::path::PathBuf;
 
 use asymlora_core::adapter::{
-    render_inspect, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, TensorInfo,
+    render_inspect, validate_config, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, Scaling,
+    TensorInfo,
 };
 use asymlora_core::Error;
 use pyo3::prelude::*;
-use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::PyByteArray;
-use safetensors::Dtype as StDtype;
 
 use crate::errors::to_py;
-use crate::safetensors_io::owned_tensors;
-
-type RawTensor = (String, Vec<usize>, Py<PyByteArray>);
-
-fn dtype_name(dtype: StDtype) -> String {
-    format!("{dtype:?}")
-}
-
-fn parse_st_dtype(name: &str, tensor: &str) -> PyResult<StDtype> {
-    match name {
-        "F64" => Ok(StDtype::F64),
-        "F32" => Ok(StDtype::F32),
-        "F16" => Ok(StDtype::F16),
-        "BF16" => Ok(StDtype::BF16),
-        other => Err(to_py(Error::invalid(
-            "tensors",
-            format!("tensor {tensor:?}: dtype {other:?} cannot be stored in an adapter (F64, F32, F16, BF16)"),
-        ))),
-    }
-}
-
-fn raw(py: Python<'_>, info: &TensorInfo, bytes: &[u8]) -> RawTensor {
-    (
-        dtype_name(info.dtype),
-        info.shape.clone(),
-        PyByteArray::new(py, bytes).unbind(),
-    )
-}
+use crate::tensors::{owned_tensors, raw, RawTensor, TensorArg};
 
 /// An open, validated adapter file (memory-mapped; tensors are read on request).
 #[pyclass(name = "AdapterFile", module = "asymlora._native", frozen)]
@@ -113,12 +83,7 @@ impl PyAdapterFile {
 
 /// Validates and writes an adapter atomically. `tensors`: (name, dtype, shape, bytes).
 #[pyfunction]
-fn write_adapter(
-    py: Python<'_>,
-    path: PathBuf,
-    config_json: &str,
-    tensors: Vec<(String, String, Vec<usize>, PyBackedBytes)>,
-) -> PyResult<()> {
+fn write_adapter(py: Python<'_>, path: PathBuf, config_json: &str, tensors: Vec<TensorArg>) -> PyResult<()> {
     let config = AdapterConfig::from_json(config_json).map_err(|message| {
         to_py(Error::AdapterFormat {
             path: path.display().to_string(),
@@ -126,12 +91,42 @@ fn write_adapter(
             message,
         })
     })?;
-    let owned = owned_tensors(tensors, parse_st_dtype)?;
+    let owned = owned_tensors(tensors)?;
     py.detach(|| core_write(&path, &config, &owned)).map_err(to_py)
+}
+
+/// Checks an adapter config on its own (ranges, generator, streams; not tensors):
+/// the same checks every read and write makes. Raises `AdapterFormatError`.
+#[pyfunction]
+fn check_config(config_json: &str) -> PyResult<()> {
+    let config = AdapterConfig::from_json(config_json).map_err(|message| {
+        to_py(Error::AdapterFormat {
+            path: "<config>".into(),
+            location: "config".into(),
+            message,
+        })
+    })?;
+    validate_config("<config>", &config).map_err(to_py)
+}
+
+/// `s` in `W + s * B @ A` under the scaling rule named `scaling`.
+#[pyfunction]
+fn scale(scaling: &str, alpha: f64, rank: usize) -> PyResult<f64> {
+    Ok(scaling.parse::<Scaling>().map_err(to_py)?.scale(alpha, rank))
+}
+
+/// The name of the scaling rule: `alpha/sqrt(r)` with rank-stabilised LoRA, else `alpha/r`.
+#[pyfunction]
+fn scaling_name(rslora: bool) -> &'static str {
+    Scaling::from_rslora(rslora).name()
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyAdapterFile>()?;
     m.add_function(wrap_pyfunction!(write_adapter, m)?)?;
+    m.add_function(wrap_pyfunction!(check_config, m)?)?;
+    m.add_function(wrap_pyfunction!(scale, m)?)?;
+    m.add_function(wrap_pyfunction!(scaling_name, m)?)?;
+    m.add("SCALINGS", Scaling::ALL.map(Scaling::name).to_vec())?;
     Ok(())
 }

@@ -5,7 +5,9 @@ mod adapter;
 mod errors;
 mod merge;
 mod orthogonal;
+mod peft;
 mod safetensors_io;
+mod tensors;
 
 use pyo3::prelude::*;
 
@@ -26,6 +28,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     adapter::register(m)?;
     safetensors_io::register(m)?;
     merge::register(m)?;
+    peft::register(m)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add("GENERATORS", asymlora_core::Generator::ALL.map(|g| g.name()).to_vec())?;
     m.add("FORMAT_VERSION", asymlora_core::adapter::FORMAT_VERSION)?;

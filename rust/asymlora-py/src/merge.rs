@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use asymlora_core::merge::{merge as core_merge, AdapterInput, MergeOptions, Observer, Totals};
+use asymlora_core::merge::{merge as core_merge, AdapterInput, MergeOptions, MergeReport, Observer, Totals};
 use asymlora_core::{Dtype, Error};
 use pyo3::exceptions::PyRuntimeWarning;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::PyTuple;
 
 use crate::errors::to_py;
 
@@ -60,7 +60,7 @@ impl Observer for PyObserver {
 }
 
 /// Merges `adapters` ((path, weight) pairs) into `base` and writes `out`; returns the
-/// report as a dict. Raises what the core raises, or the exception a signal handler
+/// report. Raises what the core raises, or the exception a signal handler
 /// or the `progress` callable raised (the merge then stops and writes nothing).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)] // mirrors the Python signature, keyword arguments
@@ -68,8 +68,8 @@ impl Observer for PyObserver {
     base, adapters, out, *, dtype = None, threads = None, force = false, prefix_map = Vec::new(),
     allow_nonfinite = false, subtract = false, fsync = true, progress = None
 ))]
-fn merge<'py>(
-    py: Python<'py>,
+fn merge(
+    py: Python<'_>,
     base: PathBuf,
     adapters: Vec<(PathBuf, f64)>,
     out: PathBuf,
@@ -81,7 +81,7 @@ fn merge<'py>(
     subtract: bool,
     fsync: bool,
     progress: Option<Py<PyAny>>,
-) -> PyResult<Bound<'py, PyDict>> {
+) -> PyResult<PyMergeReport> {
     let dtype = dtype.map(str::parse::<Dtype>).transpose().map_err(to_py)?;
     let inputs: Vec<AdapterInput> = adapters.into_iter().map(|(p, w)| AdapterInput::new(p, w)).collect();
     let opts = MergeOptions {
@@ -117,25 +117,107 @@ fn merge<'py>(
             report
         }
     };
-    let d = PyDict::new(py);
-    d.set_item("out", report.out)?;
-    d.set_item("files", report.files)?;
-    d.set_item("copied_files", report.copied_files)?;
-    d.set_item("skipped", report.skipped)?;
-    d.set_item("merged", report.merged)?;
-    d.set_item("modules", report.modules)?;
-    d.set_item("replaced", report.replaced)?;
-    d.set_item("converted", report.converted)?;
-    d.set_item("unchanged", report.unchanged)?;
-    d.set_item("bytes", report.bytes)?;
-    d.set_item("nonfinite", report.nonfinite)?;
-    d.set_item("merged_values", report.merged_values)?;
-    d.set_item("recomputed", report.recomputed)?;
-    d.set_item("warnings", report.warnings)?;
-    Ok(d)
+    Ok(PyMergeReport(report))
+}
+
+/// What a merge did (frozen). See the attribute docs in `asymlora.MergeReport`.
+#[pyclass(name = "MergeReport", module = "asymlora", frozen)]
+pub struct PyMergeReport(MergeReport);
+
+#[pymethods]
+impl PyMergeReport {
+    /// The output file or directory.
+    #[getter]
+    fn out(&self) -> PathBuf {
+        self.0.out.clone()
+    }
+    /// safetensors files (and the index) written, by name.
+    #[getter]
+    fn files<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.0.files)
+    }
+    /// Other files of a model directory copied as they are (config, tokenizer, ...).
+    #[getter]
+    fn copied_files<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.0.copied_files)
+    }
+    /// Entries of the base directory not copied, with the reason.
+    #[getter]
+    fn skipped<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.0.skipped)
+    }
+    /// Weights changed by LoRA updates.
+    #[getter]
+    fn merged(&self) -> usize {
+        self.0.merged
+    }
+    /// Adapter modules applied (each adapter counted).
+    #[getter]
+    fn modules(&self) -> usize {
+        self.0.modules
+    }
+    /// Tensors replaced by an adapter's full tensors (PEFT `modules_to_save`).
+    #[getter]
+    fn replaced(&self) -> usize {
+        self.0.replaced
+    }
+    /// Tensors only converted to the output dtype.
+    #[getter]
+    fn converted(&self) -> usize {
+        self.0.converted
+    }
+    /// Tensors copied bit for bit.
+    #[getter]
+    fn unchanged(&self) -> usize {
+        self.0.unchanged
+    }
+    /// Bytes of safetensors written.
+    #[getter]
+    fn bytes(&self) -> u64 {
+        self.0.bytes
+    }
+    /// Values that became NaN or infinite (only with `allow_nonfinite`).
+    #[getter]
+    fn nonfinite(&self) -> u64 {
+        self.0.nonfinite
+    }
+    /// Values of the merged weights.
+    #[getter]
+    fn merged_values(&self) -> u64 {
+        self.0.merged_values
+    }
+    /// Of those, values recomputed in float64 (every value is the exact result rounded once either way).
+    #[getter]
+    fn recomputed(&self) -> u64 {
+        self.0.recomputed
+    }
+    /// The warnings also issued with `warnings.warn`.
+    #[getter]
+    fn warnings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.0.warnings)
+    }
+
+    fn __repr__(&self) -> String {
+        let r = &self.0;
+        format!(
+            "MergeReport(out={:?}, files={}, merged={}, modules={}, replaced={}, converted={}, unchanged={}, \
+             bytes={}, recomputed={}, warnings={})",
+            r.out,
+            r.files.len(),
+            r.merged,
+            r.modules,
+            r.replaced,
+            r.converted,
+            r.unchanged,
+            r.bytes,
+            r.recomputed,
+            r.warnings.len()
+        )
+    }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_class::<PyMergeReport>()?;
     Ok(())
 }

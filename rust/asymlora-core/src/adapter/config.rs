@@ -24,6 +24,22 @@ pub enum Scaling {
 }
 
 impl Scaling {
+    pub const ALL: [Scaling; 2] = [Scaling::AlphaOverR, Scaling::AlphaOverSqrtR];
+
+    /// `alpha / sqrt(r)` for rank-stabilised LoRA (PEFT's `use_rslora`), else `alpha / r`.
+    pub fn from_rslora(rslora: bool) -> Scaling {
+        if rslora {
+            Scaling::AlphaOverSqrtR
+        } else {
+            Scaling::AlphaOverR
+        }
+    }
+
+    pub fn is_rslora(self) -> bool {
+        self == Scaling::AlphaOverSqrtR
+    }
+
+    /// `s` in `W + s B A` for a module of rank `rank` and scale numerator `alpha`.
     pub fn scale(self, alpha: f64, rank: usize) -> f64 {
         match self {
             Scaling::AlphaOverR => alpha / rank as f64,
@@ -31,11 +47,25 @@ impl Scaling {
         }
     }
 
+    /// The name adapter files store (`"alpha/r"`, `"alpha/sqrt(r)"`).
     pub fn name(self) -> &'static str {
         match self {
             Scaling::AlphaOverR => "alpha/r",
             Scaling::AlphaOverSqrtR => "alpha/sqrt(r)",
         }
+    }
+}
+
+impl std::str::FromStr for Scaling {
+    type Err = crate::error::Error;
+
+    fn from_str(s: &str) -> crate::error::Result<Scaling> {
+        Scaling::ALL.into_iter().find(|x| x.name() == s).ok_or_else(|| {
+            crate::error::Error::invalid(
+                "scaling",
+                format!("unknown scaling {s:?}; expected \"alpha/r\" or \"alpha/sqrt(r)\""),
+            )
+        })
     }
 }
 

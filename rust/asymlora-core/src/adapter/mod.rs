@@ -16,7 +16,7 @@ pub use config::{
 };
 pub use file::{AdapterFile, FactorA};
 pub use inspect::render_inspect;
-pub use validate::TensorInfo;
+pub use validate::{validate_config, TensorInfo};
 pub use write::write_adapter;
 
 /// Tensor name of a module's `B` factor.

@@ -72,11 +72,16 @@ pub(crate) fn validate(
     config: &AdapterConfig,
     tensors: &BTreeMap<String, TensorInfo>,
 ) -> Result<()> {
-    validate_config(rep, config)?;
+    check_config(rep, config)?;
     validate_tensors(rep, config, tensors)
 }
 
-fn validate_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
+/// Checks `config` on its own (not against tensors); errors name `path` and the field.
+pub fn validate_config(path: &str, config: &AdapterConfig) -> Result<()> {
+    check_config(&Reporter { path }, config)
+}
+
+fn check_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
     config
         .generator
         .parse::<Generator>()

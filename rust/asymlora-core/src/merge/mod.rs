@@ -15,7 +15,6 @@
 
 pub mod checkpoint;
 pub mod engine;
-pub mod peft;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -25,11 +24,11 @@ use safetensors::Dtype as StDtype;
 
 use crate::adapter::{lora_a_name, lora_b_name, AdapterFile, FactorA};
 use crate::dtype::Dtype;
-use crate::error::{Error, Result};
+use crate::error::{problem_list, Error, Result};
 use crate::io::{SafetensorsFile, TensorInfo};
+use crate::peft::{self, PeftAdapter};
 pub use checkpoint::{Checkpoint, INDEX_NAME, WEIGHTS_NAME};
 use engine::{count_nonfinite, decode_f64, Float};
-pub use peft::PeftAdapter;
 
 /// One adapter to merge and its weight `w_i`.
 #[derive(Clone, Debug, PartialEq)]
@@ -213,6 +212,9 @@ struct ModuleRef {
 impl Loaded {
     fn open(input: &AdapterInput) -> Result<Loaded> {
         let label = input.path.display().to_string();
+        if !input.path.exists() {
+            return Err(Error::not_found(&input.path));
+        }
         let source = match peft::peft_dir(&input.path) {
             Some(dir) => Source::Peft(PeftAdapter::open(&dir)?),
             None => Source::V1(AdapterFile::open(&input.path)?),
@@ -374,20 +376,6 @@ struct Plan {
     jobs: BTreeMap<String, Job>,
     modules: usize,
     warnings: Vec<String>,
-}
-
-const SHOWN_PROBLEMS: usize = 10;
-
-fn problem_list(problems: &[String]) -> String {
-    let mut text: String = problems
-        .iter()
-        .take(SHOWN_PROBLEMS)
-        .map(|p| format!("\n  - {p}"))
-        .collect();
-    if problems.len() > SHOWN_PROBLEMS {
-        text.push_str(&format!("\n  ... and {} more", problems.len() - SHOWN_PROBLEMS));
-    }
-    text
 }
 
 fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Result<Plan> {

@@ -1,0 +1,30 @@
+//! Hugging Face PEFT LoRA adapter directories: the one reader (never unpickling),
+//! PEFT's pattern rule, and the conversion into an asymlora adapter.
+//!
+//! A directory holds `adapter_config.json` and `adapter_model.safetensors`. Module `m`
+//! (a name from the base model's `named_modules()`) has `base_model.model.{m}.lora_A.weight`
+//! (r x d_in) and `...lora_B.weight` (d_out x r); its update is `s * B @ A` with
+//! `s = alpha / r`, or `alpha / sqrt(r)` with `use_rslora`, where `r` and `alpha` come
+//! from `rank_pattern` / `alpha_pattern` ([`PatternRule`]) or else `r` / `lora_alpha`.
+//! `fan_in_fan_out` means the base stores the weight transposed (GPT-2's `Conv1D`).
+//! Tensors of `modules_to_save` replace the base model's tensors of the same name.
+//!
+//! Refused, with a message naming the reason: other PEFT methods, DoRA and the other
+//! LoRA variants that change the computation, trained biases, embedding or convolution
+//! LoRA, non-float (quantised) factors, a pickled `adapter_model.bin` only. The merge,
+//! `import_peft` and the CLI all read through [`PeftAdapter::open`], so a directory
+//! gets the same verdict and message everywhere.
+
+mod import;
+mod pattern;
+mod reader;
+
+pub use import::{import_peft, ImportReport};
+pub use pattern::{BadPattern, PatternRule};
+pub use reader::{is_integer, peft_dir, PeftAdapter, PeftModule};
+
+pub const CONFIG_NAME: &str = "adapter_config.json";
+pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
+pub const PICKLE_WEIGHTS_NAME: &str = "adapter_model.bin";
+/// The prefix `PeftModel.save_pretrained` gives every tensor key.
+pub const KEY_PREFIX: &str = "base_model.model.";
