@@ -18,8 +18,8 @@ from _models import LLAMA_TARGETS, tiny_llama
 from torch.nn.parallel import DistributedDataParallel
 
 import asymlora
-from asymlora import distributed
 from asymlora.nn import lora_layers
+from asymlora.nn.distributed import full_tensor, unwrap_parallel
 
 WORLD = 2
 STEPS = 4
@@ -49,8 +49,8 @@ def wrapped_model(**wrap_kwargs) -> torch.nn.Module:
 def b_factors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every B, whole (FSDP2 shards are gathered: collective)."""
     return {
-        name: distributed.full_tensor(layer.lora_B).detach().clone()
-        for name, layer in lora_layers(distributed.unwrap_parallel(model))
+        name: full_tensor(layer.lora_B).detach().clone()
+        for name, layer in lora_layers(unwrap_parallel(model))
     }
 
 

@@ -37,6 +37,28 @@ def single_layer(train="B", d_in=48, d_out=40, r=6, bias=True, dtype=torch.float
     return model, model.proj
 
 
+# --- public names --------------------------------------------------------------------------
+
+
+def test_every_public_name_resolves():
+    for name in asymlora.__all__:
+        assert getattr(asymlora, name) is not None, name
+    for name in asymlora.nn.__all__:
+        assert getattr(asymlora.nn, name) is not None, name
+    from asymlora.nn.distributed.fingerprint import check_ranks
+    from asymlora.nn.wrap import merge_adapter
+
+    assert asymlora.merge_adapter is merge_adapter and asymlora.check_ranks is check_ranks
+
+
+def test_old_distributed_module_re_exports_the_same_objects():
+    from asymlora import distributed
+    from asymlora.nn import distributed as home
+
+    assert distributed.__all__ == home.__all__
+    assert all(getattr(distributed, n) is getattr(home, n) for n in home.__all__)
+
+
 # --- configuration -------------------------------------------------------------------------
 
 
@@ -294,13 +316,28 @@ def test_merge_matches_the_adapter_and_unmerge_restores():
     randomize_b(model)
     x = ids()
     adapted = model(x).logits
-    asymlora.merge(model)
+    asymlora.merge_adapter(model)
     torch.testing.assert_close(model(x).logits, adapted, rtol=1e-5, atol=1e-5)
-    asymlora.unmerge(model)
+    asymlora.unmerge_adapter(model)
     torch.testing.assert_close(model(x).logits, adapted, rtol=1e-5, atol=1e-5)
     asymlora.unwrap(model, merge=True)
     assert not any(isinstance(m, LoraLayer) for m in model.modules())
     torch.testing.assert_close(model(x).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("merge", "merge_adapter"), ("unmerge", "unmerge_adapter")]
+)
+def test_merge_and_unmerge_remain_as_deprecated_aliases(old, new):
+    model, layer = single_layer()
+    randomize_b(model)
+    if old == "unmerge":
+        asymlora.merge_adapter(model)
+    with pytest.warns(DeprecationWarning, match=f"asymlora.{new}") as caught:
+        assert getattr(asymlora, old)(model) is model
+    assert caught[0].filename == __file__  # points at the caller
+    assert layer.merged == (old == "merge")
+    assert getattr(asymlora.nn, old) is getattr(asymlora, old)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -309,7 +346,7 @@ def test_merge_rounds_once_to_the_weight_dtype(dtype):
     randomize_b(model)
     w0 = layer.base_layer.weight.detach().clone()
     delta = layer.scale * (layer.lora_B.double() @ layer.lora_A.double())
-    asymlora.merge(model)
+    asymlora.merge_adapter(model)
     merged = layer.base_layer.weight
     expected = (w0.float() + delta.float()).to(dtype)
     assert torch.equal(merged, expected)
@@ -339,7 +376,7 @@ def test_gpt2_conv1d_layers_wrap_and_merge():
     ref = h.double() @ (W + attn.scale * (attn.lora_B.double() @ attn.lora_A.double()).T) + b
     torch.testing.assert_close(attn(h).double(), ref, rtol=1e-5, atol=1e-5)
     adapted = model(x).logits
-    asymlora.merge(model)
+    asymlora.merge_adapter(model)
     torch.testing.assert_close(model(x).logits, adapted, rtol=1e-5, atol=1e-5)
 
 
@@ -427,7 +464,7 @@ def test_norm_report_splits_gpt2_fused_qkv():
 def test_norm_report_refuses_merged_adapters():
     model = tiny_llama()
     asymlora.wrap(model, LoraConfig(r=4, target_modules=["q_proj"]))
-    asymlora.merge(model)
+    asymlora.merge_adapter(model)
     with pytest.raises(ValueError, match="unmerge"):
         asymlora.norm_report(model, ids())
 
@@ -457,7 +494,7 @@ def test_cuda_matches_cpu(dtype):
     torch.testing.assert_close(out_gpu.logits.float().cpu(), out_cpu.logits, rtol=tol, atol=tol)
     out_gpu.loss.backward()
     assert layer.lora_B.grad is not None and layer.lora_B.grad.device.type == "cuda"
-    asymlora.merge(gpu)
+    asymlora.merge_adapter(gpu)
     merged = gpu(x.cuda()).logits.float().cpu()
     torch.testing.assert_close(merged, out_cpu.logits, rtol=tol * 5, atol=tol * 5)
 

@@ -17,18 +17,20 @@ from asymlora.orthogonal import gaussian_matrix, random_orthogonal, random_ortho
 
 if TYPE_CHECKING:  # static tools see the lazily loaded names below
     from asymlora.diagnostics import norm_report
-    from asymlora.distributed import adapter_fingerprint, check_ranks
     from asymlora.integrations.transformers import AsymloraCallback
     from asymlora.interop.peft import export_peft, import_peft
     from asymlora.nn import (
         LoraLayer,
         merge,
+        merge_adapter,
         print_trainable_parameters,
         trainable_parameters,
         unmerge,
+        unmerge_adapter,
         unwrap,
         wrap,
     )
+    from asymlora.nn.distributed import adapter_fingerprint, check_ranks
     from asymlora.nn.serialization import load_adapter, save_adapter
 
 # The torch layer loads on first use, so `import asymlora` (and the CLI) never pays
@@ -37,8 +39,10 @@ _TORCH_API = {
     "LoraLayer": "asymlora.nn",
     "wrap": "asymlora.nn",
     "unwrap": "asymlora.nn",
-    "merge": "asymlora.nn",
-    "unmerge": "asymlora.nn",
+    "merge_adapter": "asymlora.nn",
+    "unmerge_adapter": "asymlora.nn",
+    "merge": "asymlora.nn",  # deprecated alias of merge_adapter
+    "unmerge": "asymlora.nn",  # deprecated alias of unmerge_adapter
     "trainable_parameters": "asymlora.nn",
     "print_trainable_parameters": "asymlora.nn",
     "save_adapter": "asymlora.nn.serialization",
@@ -46,8 +50,8 @@ _TORCH_API = {
     "export_peft": "asymlora.interop.peft",
     "import_peft": "asymlora.interop.peft",
     "norm_report": "asymlora.diagnostics",
-    "check_ranks": "asymlora.distributed",
-    "adapter_fingerprint": "asymlora.distributed",
+    "check_ranks": "asymlora.nn.distributed",
+    "adapter_fingerprint": "asymlora.nn.distributed",
     "AsymloraCallback": "asymlora.integrations.transformers",
 }
 
@@ -97,6 +101,7 @@ __all__ = [
     "import_peft",
     "load_adapter",
     "merge",
+    "merge_adapter",
     "merge_files",
     "norm_report",
     "print_trainable_parameters",
@@ -106,6 +111,7 @@ __all__ = [
     "save_adapter",
     "trainable_parameters",
     "unmerge",
+    "unmerge_adapter",
     "unmerge_files",
     "unwrap",
     "wrap",

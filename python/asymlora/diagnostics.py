@@ -82,7 +82,7 @@ def norm_report(model: nn.Module, inputs: Mapping[str, Any] | torch.Tensor) -> N
 
     Raises:
         ValueError: no query/key projections found, or adapters are merged (the base
-            projection is then not observable; call ``asymlora.unmerge`` first).
+            projection is then not observable; call ``asymlora.unmerge_adapter`` first).
     """
     pairs = _query_key_modules(model)
     if not pairs:
@@ -132,7 +132,7 @@ def _observe(
         seq_len[0] = x.shape[-2] if x.dim() >= 2 else 1
         if isinstance(mod, LoraLayer):
             if mod.merged:
-                raise ValueError("adapters are merged; call asymlora.unmerge(model) first")
+                raise ValueError("adapters are merged; call asymlora.unmerge_adapter(model) first")
             base = mod.base_layer(x)
         else:
             base = output

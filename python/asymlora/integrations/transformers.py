@@ -9,9 +9,10 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from asymlora import distributed
+from asymlora.nn.distributed.fingerprint import check_ranks, should_check
+from asymlora.nn.distributed.process import is_main_process, unwrap_parallel
+from asymlora.nn.model import config_of
 from asymlora.nn.serialization import save_adapter
-from asymlora.nn.wrap import config_of
 
 #: file name of the adapter in each checkpoint folder and in ``output_dir``
 ADAPTER_NAME = "adapter.safetensors"
@@ -44,42 +45,28 @@ class AsymloraCallback(TrainerCallback):
         self.final = final
         self.check_ranks = check_ranks
 
+    # The Trainer passes the model (and more) as keywords; each hook reads it from there.
     def on_train_begin(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        **kwargs: Any,
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        model = _wrapped(model)
-        if self.check_ranks and distributed.should_check(None):
-            distributed.check_ranks(model)
+        model = _wrapped(kw.get("model"))
+        if self.check_ranks and should_check(None):
+            check_ranks(model)
 
     def on_save(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        **kwargs: Any,
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        self._save(_wrapped(model), folder)
+        self._save(_wrapped(kw.get("model")), folder)
 
     def on_train_end(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        **kwargs: Any,
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
         if self.final:
-            self._save(_wrapped(model), args.output_dir)
+            self._save(_wrapped(kw.get("model")), args.output_dir)
 
     def _save(self, model: nn.Module, folder: str) -> None:
-        if distributed.is_main_process():
+        if is_main_process():
             os.makedirs(folder, exist_ok=True)
         save_adapter(model, os.path.join(folder, self.filename))  # every rank: may gather
 
@@ -87,6 +74,6 @@ class AsymloraCallback(TrainerCallback):
 def _wrapped(model: nn.Module | None) -> nn.Module:
     if model is None:
         raise ValueError("AsymloraCallback needs the Trainer's model; none was passed")
-    model = distributed.unwrap_parallel(model)
+    model = unwrap_parallel(model)
     config_of(model)  # raises ValueError naming asymlora.wrap when the model is not wrapped
     return model

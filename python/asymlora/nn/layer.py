@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: the names of an adapted layer's two factors, as in its state dict
+FACTOR_NAMES = ("lora_A", "lora_B")
+
 
 class LoraLayer(nn.Module):
     """A frozen ``nn.Linear`` or transformers ``Conv1D`` plus a rank-``r`` adapter.
@@ -64,6 +67,14 @@ class LoraLayer(nn.Module):
         """The base layer's weight (some model code reads ``module.weight`` directly)."""
         return self.base_layer.weight
 
+    def frozen_factors(self) -> list[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of the factors kept as buffers (not trained), ``A`` first."""
+        return [(n, b) for n, b in self.named_buffers(recurse=False) if n in FACTOR_NAMES]
+
+    def trained_factors(self) -> str:
+        """Which factors are parameters: ``"A"``, ``"B"``, ``"AB"`` or ``"none"``."""
+        return "".join(f for f in ("A", "B") if f"lora_{f}" in self._parameters) or "none"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.merged:
@@ -111,12 +122,8 @@ class LoraLayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"rank={self.rank}, scale={self.scale:g}, stream={self.stream}, "
-            f"train={self._trained_factors()}, "
-            f"merged={self.merged}"
+            f"train={self.trained_factors()}, merged={self.merged}"
         )
-
-    def _trained_factors(self) -> str:
-        return "".join(f for f in ("A", "B") if f"lora_{f}" in self._parameters) or "none"
 
 
 def _register(

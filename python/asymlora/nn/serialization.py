@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,17 +20,13 @@ from asymlora.adapter import (
 )
 from asymlora.errors import AdapterMismatchError
 from asymlora.lora_config import LoraConfig
+from asymlora.nn.distributed.dtensor import copy_into, full_tensor
+from asymlora.nn.distributed.process import is_main_process, model_class, unwrap_parallel
+from asymlora.nn.factory import AdapterSpec, build_layer, install_layers, master_dtype
 from asymlora.nn.layer import LoraLayer
+from asymlora.nn.model import config_of, is_wrapped, lora_layers
+from asymlora.nn.targets import Target, as_target
 from asymlora.nn.tensors import to_numpy, to_torch
-from asymlora.nn.wrap import (
-    CONFIG_ATTR,
-    config_of,
-    is_wrapped,
-    linear_shape,
-    lora_layers,
-    master_dtype,
-    replace_module,
-)
 from asymlora.orthogonal import random_orthogonal_many
 
 
@@ -47,9 +42,7 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
     collective: then every rank must call it. A model inside
     ``DistributedDataParallel`` may be passed as is.
     """
-    from asymlora import distributed  # imports the torch layer: not at the top
-
-    model = distributed.unwrap_parallel(model)
+    model = unwrap_parallel(model)
     config = config_of(model)
     layers = lora_layers(model)
     modules: dict[str, ModuleConfig] = {}
@@ -64,12 +57,12 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
             rank=None if rank == config.r else rank,
             alpha=None if alpha == config.alpha else alpha,
         )
-        tensors[f"{name}.lora_B"] = to_numpy(distributed.full_tensor(layer.lora_B))
+        tensors[f"{name}.lora_B"] = to_numpy(full_tensor(layer.lora_B))
         if not layer.a_regenerated:
-            tensors[f"{name}.lora_A"] = to_numpy(distributed.full_tensor(layer.lora_A))
+            tensors[f"{name}.lora_A"] = to_numpy(full_tensor(layer.lora_A))
     full = _saved_tensors(model, config)
-    tensors.update({k: to_numpy(distributed.full_tensor(v)) for k, v in full.items()})
-    if not distributed.is_main_process():
+    tensors.update({k: to_numpy(full_tensor(v)) for k, v in full.items()})
+    if not is_main_process():
         return
     adapter_config = AdapterConfig(
         rank=config.r,
@@ -107,56 +100,54 @@ def load_adapter(
     return model
 
 
-@dataclass(frozen=True)
-class _Placement:
-    name: str
-    module: nn.Module
-    fan_in_fan_out: bool
-
-
 def _wrap_from_adapter(
     model: nn.Module, adapter: Adapter, *, is_trainable: bool, threads: int | None
 ) -> None:
-    cfg = adapter.config
-    placements = _place(model, adapter)
+    targets = _place(model, adapter)
     full = _check_full_tensors(model, adapter)
+    config = _config_from(adapter, is_trainable)
     a_factors = _a_factors(adapter, threads)
     layers = []
-    for place in placements:
-        m = cfg.modules[place.name]
-        weight = place.module.weight
-        a = a_factors[place.name]
-        a = a.to(master_dtype(weight.dtype) if m.a_stored and is_trainable else weight.dtype)
-        b = to_torch(adapter.lora_B(place.name)).to(master_dtype(weight.dtype))
-        layers.append(
-            LoraLayer(
-                place.module,
-                a.to(weight.device),
-                b.to(weight.device),
-                scale=cfg.scale(place.name),
-                stream=m.stream,
-                train_A=is_trainable and m.a_stored,
-                train_B=is_trainable,
-                a_regenerated=not m.a_stored,
-                fan_in_fan_out=place.fan_in_fan_out,
-            )
-        )
+    for target in targets:
+        b = to_torch(adapter.lora_B(target.name))
+        spec = _spec(target, adapter, is_trainable)
+        layers.append((target.name, build_layer(spec, a_factors[target.name], b)))
     # Everything is checked; from here on the model changes.
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for place, layer in zip(placements, layers):
-        replace_module(model, place.name, layer)
+    install_layers(model, layers, config)
     _copy_full_tensors(model, full, trainable=is_trainable)
-    setattr(model, CONFIG_ATTR, _config_from(adapter, is_trainable))
-    from asymlora.distributed import exclude_frozen_factors_from_ddp
 
-    exclude_frozen_factors_from_ddp(model)  # every rank regenerates A: DDP need not send it
+
+def _spec(target: Target, adapter: Adapter, is_trainable: bool) -> AdapterSpec:
+    cfg = adapter.config
+    m = cfg.modules[target.name]
+    return AdapterSpec(
+        target,
+        rank=cfg.module_rank(target.name),
+        scale=cfg.scale(target.name),
+        stream=m.stream,
+        train_A=is_trainable and m.a_stored,
+        train_B=is_trainable,
+        a_regenerated=not m.a_stored,
+        # A frozen B keeps the master dtype too: saving the loaded model again writes
+        # the file's bits, not B rounded to a half-precision weight's dtype.
+        dtype_B=master_dtype(target.module.weight.dtype),
+    )
 
 
 def _load_into_wrapped(model: nn.Module, adapter: Adapter) -> None:
     cfg = adapter.config
-    config = config_of(model)
     layers = dict(lora_layers(model))
+    _raise_if(_fit_problems(layers, cfg, config_of(model).seed), adapter)
+    full = _check_full_tensors(model, adapter)
+    for name, layer in layers.items():  # FSDP2-sharded factors take their part
+        copy_into(layer.lora_B, to_torch(adapter.lora_B(name)))
+        if cfg.modules[name].a_stored:
+            copy_into(layer.lora_A, to_torch(adapter.lora_A(name)))
+    _copy_full_tensors(model, full, trainable=None)
+
+
+def _fit_problems(layers: Mapping[str, LoraLayer], cfg: AdapterConfig, seed: int) -> list[str]:
+    # Why the adapter's factors cannot replace those of a model wrapped with ``seed``.
     problems = []
     if set(layers) != set(cfg.modules):
         missing = sorted(set(cfg.modules) - set(layers))
@@ -166,63 +157,55 @@ def _load_into_wrapped(model: nn.Module, adapter: Adapter) -> None:
             f"only in the model {extra[:5]}"
         )
     for name in sorted(set(layers) & set(cfg.modules)):
-        layer, m = layers[name], cfg.modules[name]
-        if (layer.rank, layer.d_in, layer.d_out) != (cfg.module_rank(name), m.d_in, m.d_out):
-            problems.append(
-                f"{name}: model has rank {layer.rank}, {layer.d_out}x{layer.d_in}; "
-                f"adapter has rank {cfg.module_rank(name)}, {m.d_out}x{m.d_in}"
-            )
-        elif layer.scale != cfg.scale(name):
-            problems.append(
-                f"{name}: model scale {layer.scale:g} != adapter scale {cfg.scale(name):g}"
-            )
-        elif m.a_stored and layer.a_regenerated:
-            problems.append(
-                f"{name}: the adapter stores a trained A but the model regenerates A; "
-                "load into a fresh model"
-            )
-        elif not m.a_stored and not layer.a_regenerated:
-            problems.append(
-                f"{name}: the adapter regenerates A but the model's A is trained; "
-                "load into a fresh model"
-            )
-        elif not m.a_stored and (config.seed, layer.stream) != (cfg.seed, m.stream):
-            problems.append(
-                f"{name}: A differs: model (seed {config.seed}, stream {layer.stream}), "
-                f"adapter (seed {cfg.seed}, stream {m.stream})"
-            )
-    _raise_if(problems, adapter)
-    full = _check_full_tensors(model, adapter)
-    from asymlora.distributed import copy_into  # FSDP2-sharded factors take their part
-
-    for name, layer in layers.items():
-        copy_into(layer.lora_B, to_torch(adapter.lora_B(name)))
-        if cfg.modules[name].a_stored:
-            copy_into(layer.lora_A, to_torch(adapter.lora_A(name)))
-    _copy_full_tensors(model, full, trainable=None)
+        problem = _module_fit_problem(name, layers[name], cfg, seed)
+        if problem:
+            problems.append(f"{name}: {problem}")
+    return problems
 
 
-def _place(model: nn.Module, adapter: Adapter) -> list[_Placement]:
+def _module_fit_problem(name: str, layer: LoraLayer, cfg: AdapterConfig, seed: int) -> str | None:
+    m = cfg.modules[name]
+    if (layer.rank, layer.d_in, layer.d_out) != (cfg.module_rank(name), m.d_in, m.d_out):
+        return (
+            f"model has rank {layer.rank}, {layer.d_out}x{layer.d_in}; "
+            f"adapter has rank {cfg.module_rank(name)}, {m.d_out}x{m.d_in}"
+        )
+    if layer.scale != cfg.scale(name):
+        return f"model scale {layer.scale:g} != adapter scale {cfg.scale(name):g}"
+    if m.a_stored and layer.a_regenerated:
+        return "the adapter stores a trained A but the model regenerates A; load into a fresh model"
+    if not m.a_stored and not layer.a_regenerated:
+        return "the adapter regenerates A but the model's A is trained; load into a fresh model"
+    if not m.a_stored and (seed, layer.stream) != (cfg.seed, m.stream):
+        return (
+            f"A differs: model (seed {seed}, stream {layer.stream}), "
+            f"adapter (seed {cfg.seed}, stream {m.stream})"
+        )
+    return None
+
+
+def _place(model: nn.Module, adapter: Adapter) -> list[Target]:
     cfg = adapter.config
     problems = []
-    placements = []
+    targets = []
     for name, m in cfg.modules.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             problems.append(f"{name}: no such module in {type(model).__name__}")
             continue
-        shape = linear_shape(model, name, module)
-        if isinstance(shape, str):
-            problems.append(f"{name}: {shape}")
-        elif shape[:2] != (m.d_in, m.d_out):
+        target = as_target(model, name, module)
+        if isinstance(target, str):
+            problems.append(f"{name}: {target}")
+        elif (target.d_in, target.d_out) != (m.d_in, m.d_out):
             problems.append(
-                f"{name}: model is {shape[1]}x{shape[0]} (d_out x d_in), adapter {m.d_out}x{m.d_in}"
+                f"{name}: model is {target.d_out}x{target.d_in} (d_out x d_in), "
+                f"adapter {m.d_out}x{m.d_in}"
             )
         else:
-            placements.append(_Placement(name, module, shape[2]))
+            targets.append(target)
     _raise_if(problems, adapter)
-    return placements
+    return targets
 
 
 def _a_factors(adapter: Adapter, threads: int | None) -> dict[str, torch.Tensor]:
@@ -270,13 +253,11 @@ def _copy_full_tensors(
 ) -> None:
     if not full:
         return
-    from asymlora.distributed import copy_into  # FSDP2-sharded tensors take their part
-
     owned = dict(model.named_parameters())
     owned.update(dict(model.named_buffers()))
     for name, value in full.items():
         target = owned[name]
-        copy_into(target, value.to(target.dtype))
+        copy_into(target, value.to(target.dtype))  # FSDP2-sharded tensors take their part
         if trainable is not None and isinstance(target, nn.Parameter):
             target.requires_grad_(trainable)
 
@@ -316,8 +297,6 @@ def _config_from(adapter: Adapter, is_trainable: bool) -> LoraConfig:
 def _describe(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> dict[str, object]:
     # Informational (format v1 does not interpret base_model); PEFT export reads
     # fan_in_fan_out to mark GPT-2 style Conv1D weights.
-    from asymlora.distributed import model_class
-
     description: dict[str, object] = {"class": model_class(model).__name__}
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "")
     if name_or_path:

@@ -1,0 +1,165 @@
+"""Building adapted layers and putting them into a model: the one path every adapter takes.
+
+:func:`asymlora.wrap` (factors initialised from a LoraConfig) and
+:func:`asymlora.load_adapter` (factors read from a file) both describe each module
+with an :class:`AdapterSpec`, build its :class:`LoraLayer` with :func:`build_layer` and
+swap the layers in with :func:`install_layers`; so the dtype, device and trainability
+rules of a factor live here only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from asymlora.lora_config import LoraConfig
+from asymlora.nn.distributed.ddp import exclude_frozen_factors_from_ddp
+from asymlora.nn.layer import LoraLayer
+from asymlora.nn.model import replace_module, set_config
+from asymlora.nn.targets import Target
+from asymlora.nn.tensors import to_torch
+from asymlora.orthogonal import random_orthogonal, random_orthogonal_many
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What defines one adapted module, apart from the values of its factors."""
+
+    target: Target
+    rank: int
+    #: ``s`` in ``W + s * B @ A`` (from :meth:`LoraConfig.scale_for` or
+    #: :meth:`AdapterConfig.scale`, which own the scaling rule)
+    scale: float
+    #: generator stream of this module's frozen factor
+    stream: int
+    train_A: bool
+    train_B: bool
+    #: True when ``A`` is the generator's output for (seed, stream): never stored
+    a_regenerated: bool
+    dropout: float = 0.0
+    #: dtype ``A`` is kept in; ``None``: :func:`factor_dtype`'s rule
+    dtype_A: torch.dtype | None = None
+    #: dtype ``B`` is kept in; ``None``: :func:`factor_dtype`'s rule
+    dtype_B: torch.dtype | None = None
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+
+def build_layer(spec: AdapterSpec, lora_A: torch.Tensor, lora_B: torch.Tensor) -> LoraLayer:
+    """The adapted layer around ``spec.target.module``, holding ``lora_A`` and ``lora_B``.
+
+    The factors are copied to the base weight's device, in the dtype of the spec (by
+    default: trained ones in :func:`master_dtype`, frozen ones in the weight's dtype).
+
+    Raises:
+        ValueError: a factor's shape is not ``rank x d_in`` (A) or ``d_out x rank`` (B).
+    """
+    target = spec.target
+    _check_shape("lora_A", lora_A, (spec.rank, target.d_in), spec.name)
+    _check_shape("lora_B", lora_B, (target.d_out, spec.rank), spec.name)
+    weight = target.module.weight
+    return LoraLayer(
+        target.module,
+        _placed(lora_A, weight, spec.dtype_A, trained=spec.train_A),
+        _placed(lora_B, weight, spec.dtype_B, trained=spec.train_B),
+        scale=spec.scale,
+        stream=spec.stream,
+        train_A=spec.train_A,
+        train_B=spec.train_B,
+        a_regenerated=spec.a_regenerated,
+        dropout=spec.dropout,
+        fan_in_fan_out=target.fan_in_fan_out,
+    )
+
+
+def install_layers(
+    model: nn.Module, layers: Sequence[tuple[str, LoraLayer]], config: LoraConfig
+) -> None:
+    """Freezes ``model``, swaps each ``(name, layer)`` in and records ``config``.
+
+    Also puts the frozen factors on DDP's ignore list: every rank builds them itself.
+    The caller makes trainable again what should be (``modules_to_save``).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in layers:
+        replace_module(model, name, layer)
+    set_config(model, config)
+    exclude_frozen_factors_from_ddp(model)
+
+
+def initial_factors(
+    specs: Sequence[AdapterSpec], config: LoraConfig, *, threads: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(A, B)`` to start training from, per spec, as ``config`` says (float32).
+
+    ``train="A"``: ``A`` is zero and ``B`` the generator's orthonormal columns;
+    otherwise ``B`` is zero and ``A`` orthogonal from the generator (``threads`` in
+    parallel) or Kaiming-uniform as PEFT's.
+    """
+    if config.train == "A":
+        return [(torch.zeros(s.rank, s.target.d_in), _orthogonal_b(s, config.seed)) for s in specs]
+    if config.a_init == "kaiming":
+        a_init = [_kaiming_a(s, config.seed) for s in specs]
+    else:
+        arrays = random_orthogonal_many(
+            [(s.rank, s.target.d_in) for s in specs],
+            seed=config.seed,
+            streams=[s.stream for s in specs],
+            threads=threads,
+        )
+        a_init = [to_torch(a) for a in arrays]
+    return [(a, torch.zeros(s.target.d_out, s.rank)) for s, a in zip(specs, a_init)]
+
+
+def factor_dtype(weight_dtype: torch.dtype, *, trained: bool) -> torch.dtype:
+    """A factor's dtype next to a base weight of ``weight_dtype``.
+
+    A frozen factor takes the weight's dtype (the branch computes in it anyway); a
+    trained one the :func:`master_dtype`.
+    """
+    return master_dtype(weight_dtype) if trained else weight_dtype
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision weights, else ``dtype``.
+
+    Trained factors of half-precision models stay float32, as PEFT's
+    ``autocast_adapter_dtype``: an update of 1e-3 would often round away in bfloat16.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _placed(
+    factor: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None, *, trained: bool
+) -> torch.Tensor:
+    # On the base weight's device, in the spec's dtype or else factor_dtype's rule.
+    if dtype is None:
+        dtype = factor_dtype(weight.dtype, trained=trained)
+    return factor.to(device=weight.device, dtype=dtype)
+
+
+def _orthogonal_b(spec: AdapterSpec, seed: int) -> torch.Tensor:
+    # A frozen B (train="A"): the transpose of the generator's r x d_out rows.
+    rows = random_orthogonal(spec.rank, spec.target.d_out, seed=seed, stream=spec.stream)
+    return to_torch(rows.T)
+
+
+def _kaiming_a(spec: AdapterSpec, seed: int) -> torch.Tensor:
+    # PEFT's init (kaiming_uniform_ with a=sqrt(5)); seeded per (seed, stream) so a run
+    # repeats on one machine. Such an A is stored in the adapter file, never regenerated.
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + spec.stream) % 2**63)
+    bound = 1.0 / math.sqrt(spec.target.d_in)
+    a = torch.empty(spec.rank, spec.target.d_in, dtype=torch.float32)
+    return a.uniform_(-bound, bound, generator=generator)
+
+
+def _check_shape(factor: str, value: torch.Tensor, expected: tuple[int, int], module: str) -> None:
+    if tuple(value.shape) != expected:
+        raise ValueError(f"{module}: {factor} has shape {tuple(value.shape)}, expected {expected}")

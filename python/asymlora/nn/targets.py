@@ -1,0 +1,162 @@
+"""Which modules can be adapted, which ones a LoraConfig selects, and their shapes.
+
+A leaf of the torch layer (it imports the layer class and the config, nothing that uses
+it): both :func:`asymlora.wrap` and :func:`asymlora.load_adapter` find their modules here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from torch import nn
+
+from asymlora._validate import list_problems
+from asymlora.lora_config import ALL_LINEAR, LoraConfig
+from asymlora.nn.layer import LoraLayer
+from asymlora.nn.optional import loaded_class
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module that can be adapted, with its shape."""
+
+    name: str
+    module: nn.Module
+    d_in: int
+    d_out: int
+    #: True for transformers' Conv1D, whose weight is stored d_in x d_out
+    fan_in_fan_out: bool
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
+    """The modules ``config`` selects, in ``named_modules`` order, checked.
+
+    Raises:
+        ValueError: nothing matches, or a selected module cannot be adapted (not a
+            supported layer, or its rank exceeds a dimension); naming every problem.
+    """
+    selected = _select(model, config)
+    if not selected:
+        raise ValueError(_no_match_message(model, config))
+    targets = []
+    problems = []
+    for name, module in selected:
+        target = as_target(model, name, module)
+        if isinstance(target, str):
+            problems.append(f"{name}: {target}")
+            continue
+        rank, smallest = config.rank_for(name), min(target.d_in, target.d_out)
+        if rank > smallest:
+            problems.append(f"{name}: rank {rank} exceeds min(d_in, d_out) = {smallest}")
+            continue
+        targets.append(target)
+    if problems:
+        raise ValueError(
+            f"cannot adapt {len(problems)} selected module(s):{list_problems(problems)}"
+        )
+    return targets
+
+
+def as_target(model: nn.Module, name: str, module: nn.Module) -> Target | str:
+    """``module`` (called ``name`` in ``model``) as a :class:`Target`, or why it cannot be one."""
+    if isinstance(module, LoraLayer):
+        return "already adapted"
+    if not is_linear(module):
+        kind = type(module).__name__
+        return f"{kind} is not supported (only torch.nn.Linear and transformers Conv1D)"
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads its out_proj weight directly; it cannot be wrapped"
+    weight = module.weight
+    if not weight.is_floating_point():
+        return (
+            f"weight dtype {weight.dtype} is not a float dtype (quantized layers are not supported)"
+        )
+    if isinstance(module, nn.Linear):
+        return Target(name, module, module.in_features, module.out_features, False)
+    d_in, d_out = weight.shape  # Conv1D stores its weight transposed: d_in x d_out
+    return Target(name, module, d_in, d_out, True)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for the layers an adapter can wrap (``nn.Linear``, transformers ``Conv1D``)."""
+    conv1d = loaded_class("transformers.pytorch_utils", "Conv1D")  # GPT-2 style models
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def modules_to_save(model: nn.Module, config: LoraConfig, targeted: set[str]) -> list[nn.Module]:
+    """The modules of ``config.modules_to_save``, checked against the ``targeted`` names.
+
+    Raises:
+        ValueError: a name matches no module, or a saved module overlaps an adapted one.
+    """
+    found = [(n, m) for n, m in model.named_modules() if n and config.saves(n)]
+    missing = [
+        t
+        for t in config.modules_to_save
+        if not any(n == t or n.endswith("." + t) for n, _ in found)
+    ]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
+    # A saved module is stored in full; it cannot also hold (or sit inside) an adapter.
+    clash = sorted(
+        f"{n} / {t}" for n, _ in found for t in targeted if _nested(n, t) or _nested(t, n)
+    )
+    if clash:
+        raise ValueError(
+            f"modules_to_save overlap adapted modules ({', '.join(clash[:5])}); "
+            "a module is either adapted or saved in full"
+        )
+    return [m for _, m in found]
+
+
+def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    if config.target_modules == ALL_LINEAR:
+        head = _output_head(model)
+        return [
+            (n, m)
+            for n, m in model.named_modules()
+            if is_linear(m)
+            and m is not head
+            and not config.saves(n)
+            and not _inside_saved(n, config)
+        ]
+    return [(n, m) for n, m in model.named_modules() if n and config.targets(n)]
+
+
+def _inside_saved(name: str, config: LoraConfig) -> bool:
+    parts = name.split(".")
+    return any(config.saves(".".join(parts[:i])) for i in range(1, len(parts)))
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _no_match_message(model: nn.Module, config: LoraConfig) -> str:
+    suffixes = sorted(
+        {n.rpartition(".")[2] for n, m in model.named_modules() if n and is_linear(m)}
+    )
+    wanted = (
+        [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
+    )
+    hints = []
+    for target in wanted:
+        close = difflib.get_close_matches(target.rpartition(".")[2], suffixes, n=3, cutoff=0.5)
+        if close:
+            hints.append(f"{target!r} -> did you mean {', '.join(map(repr, close))}?")
+    listing = ", ".join(suffixes[:30]) + (" ..." if len(suffixes) > 30 else "")
+    text = (
+        f"no module matches target_modules={config.target_modules!r}; "
+        f"linear layers here end with: {listing}"
+    )
+    return text + ("\n  " + "\n  ".join(hints) if hints else "")
+
+
+def _nested(outer: str, inner: str) -> bool:
+    return inner == outer or inner.startswith(outer + ".")
