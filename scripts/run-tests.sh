@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets everything up and runs the whole test suite: Rust format, lints and tests,
-# then ruff and pytest against the package built and installed from this checkout.
+# then ruff, stubtest and pytest against the package built and installed from this checkout.
 source "$(dirname "$0")/_venv.sh"
 echo "==> cargo fmt --check"
 cargo fmt --all --check
@@ -13,6 +13,8 @@ install_demo_data
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
+echo "==> stubtest (python/asymlora/_native.pyi against the built module)"
+"$PY" -m mypy.stubtest asymlora._native --allowlist "$ROOT/stubtest-allowlist.txt"
 echo "==> pytest"
 # The sources live in python/, so `import asymlora` here is the installed wheel.
 "$PY" -m pytest -q "$@"

@@ -1,25 +1,80 @@
-"""Type stubs for the compiled module ``asymlora._native`` (private; use ``asymlora``)."""
+"""Type stubs for the compiled module ``asymlora._native`` (private; use ``asymlora``).
+
+Checked against the built module by ``python -m mypy.stubtest asymlora._native
+--allowlist stubtest-allowlist.txt`` in the test command: CI fails when they disagree.
+"""
 
 from collections.abc import Callable
 from os import PathLike
-from typing import Any
+from pathlib import Path
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "FORMAT_VERSION",
+    "GENERATORS",
+    "PEFT_CONFIG_NAME",
+    "PEFT_KEY_PREFIX",
+    "PEFT_PICKLE_WEIGHTS_NAME",
+    "PEFT_WEIGHTS_NAME",
+    "SCALINGS",
+    "AdapterFile",
+    "AdapterFormatError",
+    "AdapterMismatchError",
+    "AsymloraError",
+    "CheckpointError",
+    "MergeReport",
+    "NonFiniteError",
+    "PatternRule",
+    "SafetensorsError",
+    "SafetensorsFile",
+    "check_config",
+    "cli_main",
+    "gaussian_matrix",
+    "import_peft",
+    "merge",
+    "random_orthogonal",
+    "random_orthogonal_many",
+    "scale",
+    "scaling_name",
+    "write_adapter",
+    "write_safetensors",
+]
+
 GENERATORS: list[str]
 FORMAT_VERSION: str
+SCALINGS: list[str]
+PEFT_CONFIG_NAME: str
+PEFT_WEIGHTS_NAME: str
+PEFT_PICKLE_WEIGHTS_NAME: str
+PEFT_KEY_PREFIX: str
 
-class AdapterFormatError(ValueError):
-    """An adapter file or config is malformed; the message names the module and field."""
+class AsymloraError(Exception):
+    """Base of every error asymlora raises about adapters, checkpoints and files it refuses."""
 
-class SafetensorsError(ValueError):
-    """A file is not a valid safetensors file (header, offsets or sizes are wrong)."""
+class AdapterFormatError(AsymloraError, ValueError):
+    """An adapter file, PEFT adapter directory or adapter config is malformed or unsupported."""
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(AsymloraError, ValueError):
     """An adapter does not fit a model or checkpoint (missing module, shape, rank, seed)."""
 
+class SafetensorsError(AsymloraError, ValueError):
+    """A file is not a valid safetensors file (header, offsets or sizes are wrong)."""
+
+class CheckpointError(AsymloraError, ValueError):
+    """A model checkpoint (file, shard set or index) cannot be used as a merge base."""
+
+class NonFiniteError(AsymloraError, ValueError):
+    """NaN or infinite values where finite ones are required."""
+
+_StrPath = str | PathLike[str]
+#: (dtype code, shape, bytes) of one tensor
 _RawTensor = tuple[str, list[int], bytearray]
+#: (name, dtype code, shape, bytes) of one tensor to write
+_TensorArg = tuple[str, str, list[int], bytes]
+_Factor = npt.NDArray[np.float32] | npt.NDArray[np.uint16]
 
 def random_orthogonal(
     r: int,
@@ -29,7 +84,7 @@ def random_orthogonal(
     dtype: str = "float32",
     gain: float = 1.0,
     threads: int | None = None,
-) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16]: ...
+) -> _Factor: ...
 def random_orthogonal_many(
     shapes: list[tuple[int, int]],
     seed: int,
@@ -37,13 +92,14 @@ def random_orthogonal_many(
     dtype: str = "float32",
     gain: float = 1.0,
     threads: int | None = None,
-) -> list[npt.NDArray[np.float32] | npt.NDArray[np.uint16]]: ...
+) -> list[_Factor]: ...
 def gaussian_matrix(r: int, d_in: int, seed: int, stream: int = 0) -> npt.NDArray[np.float64]: ...
 
+@final
 class AdapterFile:
-    def __init__(self, path: str | PathLike[str]) -> None: ...
+    def __new__(cls, path: _StrPath) -> AdapterFile: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def config_json(self) -> str: ...
     @property
@@ -55,30 +111,62 @@ class AdapterFile:
     def lora_a(self, module: str) -> _RawTensor: ...
     def inspect(self) -> str: ...
 
-def write_adapter(
-    path: str | PathLike[str],
-    config_json: str,
-    tensors: list[tuple[str, str, list[int], bytes]],
-) -> None: ...
+def write_adapter(path: _StrPath, config_json: str, tensors: list[_TensorArg]) -> None: ...
+def check_config(config_json: str) -> None: ...
+def scale(scaling: str, alpha: float, rank: int) -> float: ...
+def scaling_name(rslora: bool) -> str: ...
 
+@final
 class SafetensorsFile:
-    def __init__(self, path: str | PathLike[str]) -> None: ...
+    def __new__(cls, path: _StrPath) -> SafetensorsFile: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def metadata(self) -> dict[str, str]: ...
     def infos(self) -> dict[str, tuple[str, list[int]]]: ...
     def tensor(self, name: str) -> _RawTensor: ...
 
 def write_safetensors(
-    path: str | PathLike[str],
-    metadata: dict[str, str],
-    tensors: list[tuple[str, str, list[int], bytes]],
+    path: _StrPath, metadata: dict[str, str], tensors: list[_TensorArg]
 ) -> None: ...
+
+@final
+class MergeReport:
+    """What a merge did (frozen)."""
+
+    @property
+    def out(self) -> Path: ...
+    @property
+    def files(self) -> tuple[str, ...]: ...
+    @property
+    def copied_files(self) -> tuple[str, ...]: ...
+    @property
+    def skipped(self) -> tuple[tuple[str, str], ...]: ...
+    @property
+    def merged(self) -> int: ...
+    @property
+    def modules(self) -> int: ...
+    @property
+    def replaced(self) -> int: ...
+    @property
+    def converted(self) -> int: ...
+    @property
+    def unchanged(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def nonfinite(self) -> int: ...
+    @property
+    def merged_values(self) -> int: ...
+    @property
+    def recomputed(self) -> int: ...
+    @property
+    def warnings(self) -> tuple[str, ...]: ...
+
 def merge(
-    base: str | PathLike[str],
-    adapters: list[tuple[str | PathLike[str], float]],
-    out: str | PathLike[str],
+    base: _StrPath,
+    adapters: list[tuple[_StrPath, float]],
+    out: _StrPath,
     *,
     dtype: str | None = None,
     threads: int | None = None,
@@ -88,5 +176,15 @@ def merge(
     subtract: bool = False,
     fsync: bool = True,
     progress: Callable[[int, int, int, int], object] | None = None,
-) -> dict[str, Any]: ...
+) -> MergeReport: ...
+def import_peft(peft_dir: _StrPath, path: _StrPath, seed: int) -> list[str]: ...
+
+@final
+class PatternRule:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` rule over ``keys`` (in their order)."""
+
+    def __new__(cls, keys: list[str], what: str = "pattern") -> PatternRule: ...
+    def first_match(self, module: str) -> int | None: ...
+    def __len__(self) -> int: ...
+
 def cli_main(argv: list[str], python_commands: str = "") -> int: ...

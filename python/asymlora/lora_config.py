@@ -114,7 +114,8 @@ class LoraConfig:
         return int(pattern_value(self.rank_pattern, name, self.r))
 
     def alpha_for(self, name: str) -> float:
-        """The alpha of module ``name``: the first ``alpha_pattern`` key selecting it, else ``alpha``."""
+        """The alpha of module ``name``: the first ``alpha_pattern`` key selecting it,
+        else ``alpha``."""
         return float(pattern_value(self.alpha_pattern, name, self.alpha))
 
     def scale_for(self, name: str) -> float:

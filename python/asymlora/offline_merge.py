@@ -108,7 +108,9 @@ def _warn(report: MergeReport) -> None:
 
 merge_files = _merge_command(subtract=False)
 merge_files.__name__ = merge_files.__qualname__ = "merge_files"
-merge_files.__doc__ = """Merges adapters into a checkpoint on disk: ``W' = W + sum_i w_i * s_i * B_i @ A_i``.
+merge_files.__doc__ = """Merges adapters into a checkpoint on disk.
+
+    ``W' = W + sum_i w_i * s_i * B_i @ A_i`` for every adapted weight.
 
     Each merged weight is computed in float32 (float64 for float32/float64 outputs) from
     its stored dtype and rounded once, to nearest even, to the output dtype: the result
@@ -163,7 +165,9 @@ merge_files.__doc__ = """Merges adapters into a checkpoint on disk: ``W' = W + s
 
 unmerge_files = _merge_command(subtract=True)
 unmerge_files.__name__ = unmerge_files.__qualname__ = "unmerge_files"
-unmerge_files.__doc__ = """Subtracts adapters from a merged checkpoint: ``W' = W - sum_i w_i * s_i * B_i @ A_i``.
+unmerge_files.__doc__ = """Subtracts adapters from a merged checkpoint.
+
+    ``W' = W - sum_i w_i * s_i * B_i @ A_i`` for every adapted weight.
 
     The inverse of :func:`merge_files` with the same adapters and weights, up to the
     rounding of the merged weights (one rounding each way). Adapters with full tensors
