@@ -6,8 +6,9 @@ use std::io::{ErrorKind, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use asymlora_core::adapter::{render_inspect, AdapterFile};
+use asymlora_core::adapter::{human_bytes, render_inspect, AdapterFile};
 use asymlora_core::merge::{self, AdapterInput, MergeOptions, MergeReport, Observer, Totals};
+use asymlora_core::peft::import_peft;
 use asymlora_core::{Dtype, Error};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -32,7 +33,28 @@ enum Command {
     /// Subtract adapters from a merged checkpoint: W' = W - sum_i w_i * s_i * B_i A_i.
     #[command(long_about = UNMERGE_ABOUT)]
     Unmerge(MergeArgs),
+    /// Convert a PEFT LoRA directory into an asymlora adapter file (every A stored).
+    #[command(name = "import-peft", long_about = IMPORT_PEFT_ABOUT)]
+    ImportPeft {
+        /// A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).
+        peft_dir: PathBuf,
+        /// The asymlora adapter file to write (atomically).
+        #[arg(short, long, value_name = "OUT")]
+        out: PathBuf,
+        /// The adapter seed to record (every A is stored, so it does not change the factors).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
+
+const IMPORT_PEFT_ABOUT: &str = "\
+Convert a PEFT LoRA directory into an asymlora adapter file (every A stored).
+
+The directory is read by the same reader as `asymlora merge` and Python's
+import_peft, so it is accepted or refused alike by all three. Ranks, alphas,
+rank_pattern/alpha_pattern, use_rslora, fan_in_fan_out and modules_to_save are
+kept; DoRA, other LoRA variants, quantised factors and pickle-only adapters are
+refused with the reason.";
 
 const MERGE_ABOUT: &str = "\
 Merge adapters into a model checkpoint: W' = W + sum_i w_i * s_i * B_i A_i.
@@ -102,31 +124,14 @@ fn parse_prefix(s: &str) -> Result<(String, String), String> {
     merge::parse_prefix_map(s).map_err(|e| e.to_string())
 }
 
-/// Runs the command line on `args` (program name first) and returns the exit code.
-/// Errors go to stderr as one line; clap handles `--help` and usage errors.
-pub fn run<I, T>(args: I) -> i32
-where
-    I: IntoIterator<Item = T>,
-    T: Into<OsString> + Clone,
-{
-    run_with_help(args, "")
-}
-
-/// Like [`run`], with `extra_help` appended to `--help` (the Python front end lists
-/// the commands it implements itself there).
-pub fn run_with_help<I, T>(args: I, extra_help: &str) -> i32
-where
-    I: IntoIterator<Item = T>,
-    T: Into<OsString> + Clone,
-{
-    run_cancellable(args, extra_help, &|| false)
-}
-
 /// Exit code of a command stopped by [`run_cancellable`]'s `cancelled` (128 + SIGINT).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
-/// Like [`run_with_help`]; long commands (merge) poll `cancelled` and, when it returns
-/// true, stop, remove what they wrote and return [`EXIT_INTERRUPTED`].
+/// Runs the command line on `args` (program name first) and returns the exit code.
+/// Errors go to stderr as one line; clap handles `--help` and usage errors.
+/// `extra_help` is appended to `--help` (the Python front end lists the commands it
+/// implements itself there). Long commands (merge) poll `cancelled` and, when it
+/// returns true, stop, remove what they wrote and return [`EXIT_INTERRUPTED`].
 pub fn run_cancellable<I, T>(args: I, extra_help: &str, cancelled: &dyn Fn() -> bool) -> i32
 where
     I: IntoIterator<Item = T>,
@@ -187,6 +192,21 @@ fn execute(command: Command, cancelled: &dyn Fn() -> bool) -> Result<(), Failure
         }
         Command::Merge(args) => run_merge(args, false, cancelled),
         Command::Unmerge(args) => run_merge(args, true, cancelled),
+        Command::ImportPeft { peft_dir, out, seed } => {
+            let report = import_peft(&peft_dir, &out, seed)?;
+            let mut err = std::io::stderr().lock();
+            for w in &report.warnings {
+                let _ = writeln!(err, "asymlora: warning: {w}");
+            }
+            let _ = writeln!(
+                err,
+                "asymlora: imported {} module(s) and {} full tensor(s) into {}",
+                report.modules,
+                report.full_tensors,
+                report.out.display()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -228,10 +248,6 @@ impl Observer for CliObserver<'_> {
     fn cancelled(&mut self) -> bool {
         (self.cancelled)()
     }
-}
-
-fn human_bytes(n: u64) -> String {
-    format!("{}", indicatif::HumanBytes(n))
 }
 
 fn run_merge(args: MergeArgs, subtract: bool, cancelled: &dyn Fn() -> bool) -> Result<(), Failure> {

@@ -31,6 +31,3 @@ fn main() {
         println!("gaussian only: {:.3} s", t.elapsed().as_secs_f64());
     }
 }
-
-#[allow(dead_code)]
-fn split() {}

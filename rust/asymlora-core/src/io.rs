@@ -225,7 +225,7 @@ impl SafetensorsFile {
 const MAX_HEADER_SIZE: usize = 100_000_000;
 
 /// The order the safetensors crate writes tensors in: larger dtypes first, then by name.
-pub fn canonical_order<'a, T>(tensors: impl IntoIterator<Item = (&'a str, T)>) -> Vec<(&'a str, T)>
+pub(crate) fn canonical_order<'a, T>(tensors: impl IntoIterator<Item = (&'a str, T)>) -> Vec<(&'a str, T)>
 where
     T: AsRef<TensorInfo>,
 {
@@ -247,7 +247,7 @@ impl AsRef<TensorInfo> for &OwnedTensor {
 }
 
 /// Bytes tensor `info` takes in a file.
-pub fn data_len(info: &TensorInfo) -> usize {
+pub(crate) fn data_len(info: &TensorInfo) -> usize {
     info.shape.iter().product::<usize>() * info.dtype.bitsize() / 8
 }
 
@@ -258,7 +258,7 @@ pub fn data_len(info: &TensorInfo) -> usize {
 /// The bytes are those `safetensors::serialize` writes for the same tensors in the same
 /// order, except that the `__metadata__` keys are sorted (safetensors writes them in a
 /// per-process random `HashMap` order), so equal content gives equal bytes.
-pub fn header_bytes<'a>(
+pub(crate) fn header_bytes<'a>(
     tensors: impl IntoIterator<Item = (&'a str, &'a TensorInfo)>,
     metadata: &BTreeMap<String, String>,
 ) -> std::result::Result<Vec<u8>, String> {
@@ -319,7 +319,7 @@ pub fn header_bytes<'a>(
 /// over the destination only by [`AtomicFile::commit`]. Dropped without a commit (an
 /// error, a panic), the temporary file is removed: a failure never leaves a partial
 /// file under the destination name.
-pub struct AtomicFile {
+pub(crate) struct AtomicFile {
     tmp: tempfile::NamedTempFile,
     dest: PathBuf,
 }
@@ -380,7 +380,7 @@ impl AtomicFile {
 }
 
 /// `fsync`s the directory holding `path`, so a rename into it is on disk.
-pub fn sync_parent(path: &Path) -> Result<()> {
+pub(crate) fn sync_parent(path: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         let dir = match path.parent() {
@@ -399,7 +399,14 @@ pub fn sync_parent(path: &Path) -> Result<()> {
 /// Appends bytes `offset..offset + len` of `src` to `dst` (at its current position).
 /// On Linux the kernel copies the data (`copy_file_range`) without passing it through
 /// user memory; elsewhere it is a plain read and write. `src`'s file position moves.
-pub fn copy_range(src: &File, src_path: &Path, offset: u64, len: u64, dst: &mut File, dst_path: &Path) -> Result<()> {
+pub(crate) fn copy_range(
+    src: &File,
+    src_path: &Path,
+    offset: u64,
+    len: u64,
+    dst: &mut File,
+    dst_path: &Path,
+) -> Result<()> {
     let mut reader = src;
     reader
         .seek(SeekFrom::Start(offset))
@@ -422,7 +429,7 @@ pub fn copy_range(src: &File, src_path: &Path, offset: u64, len: u64, dst: &mut 
 /// cache the way `copy_file_range` does; on some virtual machines `write(2)` from user
 /// memory is several times slower and far less steady than that. Elsewhere, or where the
 /// file system refuses `splice`, it is a plain `write_all`.
-pub struct Appender {
+pub(crate) struct Appender {
     #[cfg(target_os = "linux")]
     pipe: Option<splice::Pipe>,
 }

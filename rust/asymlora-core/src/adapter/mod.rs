@@ -15,7 +15,7 @@ pub use config::{
     AdapterConfig, ModuleConfig, Scaling, FORMAT_NAME, FORMAT_VERSION, META_CONFIG, META_FORMAT, META_VERSION,
 };
 pub use file::{AdapterFile, FactorA};
-pub use inspect::render_inspect;
+pub use inspect::{human_bytes, render_inspect};
 pub use validate::{validate_config, TensorInfo};
 pub use write::write_adapter;
 

@@ -297,9 +297,4 @@ impl Checkpoint {
         self.shards.push(Shard { name, file });
         Ok(())
     }
-
-    /// Total bytes of the weights files.
-    pub fn weights_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.file.file_size()).sum()
-    }
 }

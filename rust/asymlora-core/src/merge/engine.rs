@@ -161,7 +161,6 @@ const LANES_F64: usize = 16;
 /// packed by column chunks of `N`: `r[c * k + t]` holds `R[t, c*N .. c*N + N]`
 /// (zeros past `cols`), so a chunk's `k` rows are contiguous.
 pub struct LowRank<T, const N: usize> {
-    pub rows: usize,
     pub cols: usize,
     pub k: usize,
     pub l: Vec<T>,
@@ -177,8 +176,8 @@ impl<T: Copy + Default, const N: usize> LowRank<T, N> {
                 packed[(j / N) * k + t][j % N] = cast(x);
             }
         }
+        debug_assert_eq!(l.len(), rows * k);
         LowRank {
-            rows,
             cols,
             k,
             l: l.iter().map(|&x| cast(x)).collect(),

@@ -13,8 +13,8 @@
 //! Memory stays bounded: inputs are memory-mapped and released piece by piece, and
 //! merged tensors are computed and written in bands of rows (a few MiB each).
 
-pub mod checkpoint;
-pub mod engine;
+mod checkpoint;
+mod engine;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -27,7 +27,8 @@ use crate::dtype::Dtype;
 use crate::error::{problem_list, Error, Result};
 use crate::io::{SafetensorsFile, TensorInfo};
 use crate::peft::{self, PeftAdapter};
-pub use checkpoint::{Checkpoint, INDEX_NAME, WEIGHTS_NAME};
+use checkpoint::Checkpoint;
+pub use checkpoint::{INDEX_NAME, WEIGHTS_NAME};
 use engine::{count_nonfinite, decode_f64, Float};
 
 /// One adapter to merge and its weight `w_i`.
