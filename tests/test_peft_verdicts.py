@@ -26,6 +26,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import asymlora  # noqa: E402
 
 WEIGHTS = "adapter_model.safetensors"
+DORA_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+EMBED_KEY = "base_model.model.model.embed_tokens.lora_embedding_A"
 CONFIG = "adapter_config.json"
 
 
@@ -145,14 +147,8 @@ BAD: dict[str, Callable[[Path], None]] = {
     "rank-pattern-not-integer": _config(rank_pattern={"q_proj": 2.5}),
     "pattern-not-a-regex": _config(rank_pattern={"(?=q)proj": 2}),
     "rslora-not-bool": _config(use_rslora="yes"),
-    "dora-tensor": _tensors(
-        lambda t: t.update(
-            {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)}
-        )
-    ),
-    "embedding-lora": _tensors(
-        lambda t: t.update({"base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(2, 50)})
-    ),
+    "dora-tensor": _tensors(lambda t: t.update({DORA_KEY: torch.ones(32)})),
+    "embedding-lora": _tensors(lambda t: t.update({EMBED_KEY: torch.ones(2, 50)})),
     "quantised-factor": _tensors(_quantise_b),
     "conv-factor": _tensors(_conv_a),
     "missing-factor": _tensors(_drop_b),

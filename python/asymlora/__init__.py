@@ -8,9 +8,17 @@ layer is an optional extra (``pip install asymlora[torch]``).
 
 from typing import TYPE_CHECKING
 
-from asymlora._native import FORMAT_VERSION, GENERATORS, AdapterFormatError
+from asymlora._native import FORMAT_VERSION, GENERATORS
 from asymlora.adapter import Adapter, AdapterConfig, ModuleConfig, read_adapter, write_adapter
-from asymlora.errors import AdapterMismatchError, DistributedMismatchError, SafetensorsError
+from asymlora.errors import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    AsymloraError,
+    CheckpointError,
+    DistributedMismatchError,
+    NonFiniteError,
+    SafetensorsError,
+)
 from asymlora.lora_config import LoraConfig
 from asymlora.offline_merge import MergeProgress, MergeReport, merge_files, unmerge_files
 from asymlora.orthogonal import gaussian_matrix, random_orthogonal, random_orthogonal_many
@@ -86,12 +94,15 @@ __all__ = [
     "AdapterFormatError",
     "AdapterMismatchError",
     "AsymloraCallback",
+    "AsymloraError",
+    "CheckpointError",
     "DistributedMismatchError",
     "LoraConfig",
     "LoraLayer",
     "MergeProgress",
     "MergeReport",
     "ModuleConfig",
+    "NonFiniteError",
     "SafetensorsError",
     "__version__",
     "adapter_fingerprint",
