@@ -63,7 +63,7 @@ class AdapterConfig:
     alpha: float
     seed: int
     modules: Mapping[str, ModuleConfig]
-    scaling: str = "alpha/r"
+    scaling: str = SCALINGS[0]  # "alpha/r"
     generator: str = "haar-v1"
     a_dtype: str = "float32"
     a_gain: float = 1.0

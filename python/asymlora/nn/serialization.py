@@ -283,7 +283,7 @@ def _config_from(adapter: Adapter, is_trainable: bool) -> LoraConfig:
         target_modules=tuple(names),
         train=("AB" if any_stored else "B") if is_trainable else "B",
         seed=cfg.seed,
-        rslora=cfg.scaling == "alpha/sqrt(r)",
+        rslora=cfg.rslora,
         modules_to_save=tuple(sorted({t.rpartition(".")[0] for t in cfg.full_tensors})),
         rank_pattern={
             k: cfg.module_rank(n) for k, n in exact.items() if cfg.modules[n].rank is not None

@@ -44,7 +44,7 @@ impl OwnedTensor {
             return Err(Error::invalid(
                 "tensors",
                 format!(
-                    "tensor {name:?}: {} bytes for shape {shape:?} of {dtype:?}, expected {expected}",
+                    "tensor {name:?}: {} bytes for shape {shape:?} of {dtype}, expected {expected}",
                     data.len()
                 ),
             ));

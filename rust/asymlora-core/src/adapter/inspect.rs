@@ -69,7 +69,7 @@ pub fn render_inspect(file: &AdapterFile) -> String {
         let r = c.module_rank(m);
         let b_dtype = file
             .tensor(&lora_b_name(name))
-            .map(|(info, _)| format!("{:?}", info.dtype))
+            .map(|(info, _)| info.dtype.to_string())
             .unwrap_or_default();
         let _ = writeln!(
             out,

@@ -232,7 +232,7 @@ fn require_float(rep: &Reporter<'_>, location: &str, info: &TensorInfo) -> Resul
     Err(rep.err(
         location,
         format!(
-            "dtype {:?} is not a floating-point type (F16, BF16, F32, F64)",
+            "dtype {} is not a floating-point type (F16, BF16, F32, F64)",
             info.dtype
         ),
     ))

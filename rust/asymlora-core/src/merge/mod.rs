@@ -427,7 +427,7 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
             }
             if Float::from_st(info.dtype).is_none() {
                 problems.push(format!(
-                    "{label}: module {}: {target} has dtype {:?}; only F16, BF16, F32 and F64 weights can be merged \
+                    "{label}: module {}: {target} has dtype {}; only F16, BF16, F32 and F64 weights can be merged \
                      into (a quantised checkpoint?)",
                     m.module, info.dtype
                 ));
@@ -500,7 +500,7 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
                 (None, None) if src.dtype == info.dtype => {}
                 _ => {
                     problems.push(format!(
-                        "{label}: full tensor {name} has dtype {:?}, which cannot replace {target} of dtype {:?}",
+                        "{label}: full tensor {name} has dtype {}, which cannot replace {target} of dtype {}",
                         src.dtype, info.dtype
                     ));
                     continue;

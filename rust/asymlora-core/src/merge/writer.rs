@@ -280,10 +280,6 @@ struct Counts {
     warnings: Vec<String>,
 }
 
-fn dtype_name(d: StDtype) -> String {
-    format!("{d:?}")
-}
-
 impl<'a> Ctx<'a> {
     fn check_overflow(&self, bad: u64, name: &str, out: StDtype, what: &str, counts: &mut Counts) -> Result<()> {
         if bad == 0 {
@@ -294,14 +290,14 @@ impl<'a> Ctx<'a> {
                 message: format!(
                     "{what} {name} gives {bad} infinite or NaN value(s) in {} (it overflows the dtype); nothing was \
                      written (pass --allow-nonfinite, or allow_nonfinite=True, to keep them)",
-                    dtype_name(out)
+                    out
                 ),
             });
         }
         counts.nonfinite += bad;
         counts.warnings.push(format!(
             "{what} {name}: {bad} value(s) became infinite or NaN in {}",
-            dtype_name(out)
+            out
         ));
         Ok(())
     }
