@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -246,10 +245,16 @@ def test_torch_is_not_imported(tmp_path):
     assert full.stdout.strip().endswith("no torch")
 
 
-def test_help_starts_fast(cli_path):
-    run([cli_path, "--help"])  # warm the file cache
-    t0 = time.perf_counter()
-    proc = run([cli_path, "--help"])
-    elapsed = time.perf_counter() - t0
-    assert proc.returncode == 0
-    assert elapsed < 2.0
+def test_help_imports_no_heavy_library():
+    # What keeps `asymlora --help` fast: the console entry point never imports torch,
+    # transformers or peft (start-up time itself belongs in a benchmark, not a test).
+    code = (
+        "import contextlib, io, sys\n"
+        "from asymlora.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['--help']) == 0\n"
+        "heavy = {'torch', 'transformers', 'peft'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = run([sys.executable, "-c", code])
+    assert proc.returncode == 0, proc.stderr

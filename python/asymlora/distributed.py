@@ -5,26 +5,7 @@ written as ``from asymlora import distributed`` keeps working. ``asymlora.check_
 ``asymlora.adapter_fingerprint`` are the public names of the rank check.
 """
 
-from asymlora.nn.distributed import (
-    adapter_fingerprint,
-    check_ranks,
-    copy_into,
-    exclude_frozen_factors_from_ddp,
-    full_tensor,
-    is_distributed,
-    is_main_process,
-    model_class,
-    unwrap_parallel,
-)
+from asymlora.nn import distributed as _home
+from asymlora.nn.distributed import *  # noqa: F403  (the same names: one list, in nn.distributed)
 
-__all__ = [
-    "adapter_fingerprint",
-    "check_ranks",
-    "copy_into",
-    "exclude_frozen_factors_from_ddp",
-    "full_tensor",
-    "is_distributed",
-    "is_main_process",
-    "model_class",
-    "unwrap_parallel",
-]
+__all__ = list(_home.__all__)

@@ -8,7 +8,6 @@ use asymlora_core::merge::{merge as core_merge, AdapterInput, MergeOptions, Merg
 use asymlora_core::{Dtype, Error};
 use pyo3::exceptions::PyRuntimeWarning;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 
 use crate::errors::to_py;
 
@@ -117,101 +116,66 @@ fn merge(
             report
         }
     };
-    Ok(PyMergeReport(report))
+    Ok(report.into())
 }
 
-/// What a merge did (frozen). See the attribute docs in `asymlora.MergeReport`.
-#[pyclass(name = "MergeReport", module = "asymlora", frozen)]
-pub struct PyMergeReport(MergeReport);
+/// What a merge did (frozen). Attributes are documented in `asymlora.MergeReport`;
+/// sequences come out as fresh lists, so the report itself never changes.
+#[pyclass(name = "MergeReport", module = "asymlora", frozen, get_all)]
+pub struct PyMergeReport {
+    out: PathBuf,
+    files: Vec<String>,
+    copied_files: Vec<String>,
+    skipped: Vec<(String, String)>,
+    merged: usize,
+    modules: usize,
+    replaced: usize,
+    converted: usize,
+    unchanged: usize,
+    bytes: u64,
+    nonfinite: u64,
+    merged_values: u64,
+    recomputed: u64,
+    warnings: Vec<String>,
+}
+
+impl From<MergeReport> for PyMergeReport {
+    fn from(r: MergeReport) -> Self {
+        PyMergeReport {
+            out: r.out,
+            files: r.files,
+            copied_files: r.copied_files,
+            skipped: r.skipped,
+            merged: r.merged,
+            modules: r.modules,
+            replaced: r.replaced,
+            converted: r.converted,
+            unchanged: r.unchanged,
+            bytes: r.bytes,
+            nonfinite: r.nonfinite,
+            merged_values: r.merged_values,
+            recomputed: r.recomputed,
+            warnings: r.warnings,
+        }
+    }
+}
 
 #[pymethods]
 impl PyMergeReport {
-    /// The output file or directory.
-    #[getter]
-    fn out(&self) -> PathBuf {
-        self.0.out.clone()
-    }
-    /// safetensors files (and the index) written, by name.
-    #[getter]
-    fn files<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        PyTuple::new(py, &self.0.files)
-    }
-    /// Other files of a model directory copied as they are (config, tokenizer, ...).
-    #[getter]
-    fn copied_files<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        PyTuple::new(py, &self.0.copied_files)
-    }
-    /// Entries of the base directory not copied, with the reason.
-    #[getter]
-    fn skipped<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        PyTuple::new(py, &self.0.skipped)
-    }
-    /// Weights changed by LoRA updates.
-    #[getter]
-    fn merged(&self) -> usize {
-        self.0.merged
-    }
-    /// Adapter modules applied (each adapter counted).
-    #[getter]
-    fn modules(&self) -> usize {
-        self.0.modules
-    }
-    /// Tensors replaced by an adapter's full tensors (PEFT `modules_to_save`).
-    #[getter]
-    fn replaced(&self) -> usize {
-        self.0.replaced
-    }
-    /// Tensors only converted to the output dtype.
-    #[getter]
-    fn converted(&self) -> usize {
-        self.0.converted
-    }
-    /// Tensors copied bit for bit.
-    #[getter]
-    fn unchanged(&self) -> usize {
-        self.0.unchanged
-    }
-    /// Bytes of safetensors written.
-    #[getter]
-    fn bytes(&self) -> u64 {
-        self.0.bytes
-    }
-    /// Values that became NaN or infinite (only with `allow_nonfinite`).
-    #[getter]
-    fn nonfinite(&self) -> u64 {
-        self.0.nonfinite
-    }
-    /// Values of the merged weights.
-    #[getter]
-    fn merged_values(&self) -> u64 {
-        self.0.merged_values
-    }
-    /// Of those, values recomputed in float64 (every value is the exact result rounded once either way).
-    #[getter]
-    fn recomputed(&self) -> u64 {
-        self.0.recomputed
-    }
-    /// The warnings also issued with `warnings.warn`.
-    #[getter]
-    fn warnings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        PyTuple::new(py, &self.0.warnings)
-    }
-
     fn __repr__(&self) -> String {
-        let r = &self.0;
         format!(
             "MergeReport(out={:?}, files={}, merged={}, modules={}, replaced={}, converted={}, unchanged={}, \
              bytes={}, recomputed={}, warnings={})",
-            r.out,
-            r.files.len(),
-            r.merged,
-            r.modules,
-            r.replaced,
-            r.converted,
-            r.unchanged,
-            r.bytes,
-            r.recomputed,
-            r.warnings.len()
+            self.out,
+            self.files.len(),
+            self.merged,
+            self.modules,
+            self.replaced,
+            self.converted,
+            self.unchanged,
+            self.bytes,
+            self.recomputed,
+            self.warnings.len()
         )
     }
 }
