@@ -33,12 +33,13 @@ PACKAGE = "asymlora"
 #: only what is under it. A new module of ``asymlora.nn`` gets a place here.
 NN_LAYERS = (
     ("layer", "tensors", "optional"),  # the adapted layer, conversions, optional classes
-    ("model", "targets"),  # a wrapped model's state; what can be adapted
+    ("model", "targets", "routing"),  # a wrapped model's state; what can be adapted; routes
     ("distributed.process", "distributed.dtensor"),
     ("distributed.ddp",),
     ("distributed.fingerprint",),
     ("distributed",),  # re-exports the four above
     ("factory",),  # builds and installs LoraLayers (for wrap and load_adapter)
+    ("adapters",),  # several adapters: active one, delete, disable, per-row routing
     ("wrap", "serialization"),
 )
 #: kept for code that imported the helpers from there; asymlora itself must not

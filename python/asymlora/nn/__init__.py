@@ -2,20 +2,31 @@
 
 Modules, by job (each imports only those above it in this list):
 
-- ``layer``: :class:`LoraLayer`, one adapted linear layer;
+- ``layer``: :class:`LoraLayer`, one adapted linear layer with one or more named adapters;
 - ``tensors``: numpy <-> torch, bfloat16 bits kept;
 - ``optional``: classes of optional libraries, looked up without importing them;
 - ``model``: a wrapped model's config, adapted layers and parameter counts;
 - ``targets``: which modules a LoraConfig selects and can be adapted;
+- ``routing``: what the layers compute inside ``disable_adapters`` / ``per_sample_adapters``;
 - ``distributed``: rank check, DDP ignore list, FSDP2 gather and scatter;
 - ``factory``: builds each adapted layer and installs the layers into a model;
+- ``adapters``: several adapters on one model: :func:`set_adapter`, :func:`list_adapters`,
+  :func:`delete_adapter`, :func:`disable_adapters`, :func:`per_sample_adapters`;
 - ``wrap``: :func:`wrap`, :func:`unwrap`, :func:`merge_adapter`, :func:`unmerge_adapter`;
 - ``serialization``: :func:`~asymlora.save_adapter`, :func:`~asymlora.load_adapter`.
 """
 
-from asymlora.nn.layer import LoraLayer
+from asymlora.nn.adapters import (
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    per_sample_adapters,
+    set_adapter,
+)
+from asymlora.nn.layer import DEFAULT_ADAPTER, AdapterView, LoraLayer
 from asymlora.nn.model import (
     TrainableSummary,
+    active_adapter,
     config_of,
     is_wrapped,
     lora_layers,
@@ -25,14 +36,22 @@ from asymlora.nn.model import (
 from asymlora.nn.wrap import merge, merge_adapter, unmerge, unmerge_adapter, unwrap, wrap
 
 __all__ = [
+    "DEFAULT_ADAPTER",
+    "AdapterView",
     "LoraLayer",
     "TrainableSummary",
+    "active_adapter",
     "config_of",
+    "delete_adapter",
+    "disable_adapters",
     "is_wrapped",
+    "list_adapters",
     "lora_layers",
     "merge",
     "merge_adapter",
+    "per_sample_adapters",
     "print_trainable_parameters",
+    "set_adapter",
     "trainable_parameters",
     "unmerge",
     "unmerge_adapter",

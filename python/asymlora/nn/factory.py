@@ -10,7 +10,7 @@ rules of a factor live here only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +18,16 @@ from torch import nn
 
 from asymlora.lora_config import LoraConfig
 from asymlora.nn.distributed.ddp import exclude_frozen_factors_from_ddp
-from asymlora.nn.layer import LoraLayer
-from asymlora.nn.model import replace_module, set_config
+from asymlora.nn.layer import DEFAULT_ADAPTER, LoraLayer
+from asymlora.nn.model import (
+    active_adapter,
+    adapter_configs,
+    clear_config,
+    is_wrapped,
+    lora_layers,
+    replace_module,
+    set_config,
+)
 from asymlora.nn.targets import Target
 from asymlora.nn.tensors import to_torch
 from asymlora.orthogonal import random_orthogonal, random_orthogonal_many
@@ -45,14 +53,30 @@ class AdapterSpec:
     dtype_A: torch.dtype | None = None
     #: dtype ``B`` is kept in; ``None``: :func:`factor_dtype`'s rule
     dtype_B: torch.dtype | None = None
+    #: what defines a regenerated ``A`` (:func:`a_identity`); adapters of one layer with
+    #: equal identities share one buffer. ``None``: ``A`` is not shared
+    a_identity: Hashable | None = None
 
     @property
     def name(self) -> str:
         return self.target.name
 
 
-def build_layer(spec: AdapterSpec, lora_A: torch.Tensor, lora_B: torch.Tensor) -> LoraLayer:
-    """The adapted layer around ``spec.target.module``, holding ``lora_A`` and ``lora_B``.
+def a_identity(
+    *, generator: str, seed: int, stream: int, rank: int, d_in: int, dtype: str, gain: float
+) -> tuple[object, ...]:
+    """What makes two regenerated ``A`` the same tensor: the generator and its inputs."""
+    return (generator, int(seed), int(stream), int(rank), int(d_in), dtype, float(gain))
+
+
+def build_layer(
+    spec: AdapterSpec,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> LoraLayer:
+    """The adapted layer around ``spec.target.module``, holding ``lora_A`` and ``lora_B``
+    as adapter ``adapter_name``.
 
     The factors are copied to the base weight's device, in the dtype of the spec (by
     default: trained ones in :func:`master_dtype`, frozen ones in the weight's dtype).
@@ -75,46 +99,129 @@ def build_layer(spec: AdapterSpec, lora_A: torch.Tensor, lora_B: torch.Tensor) -
         a_regenerated=spec.a_regenerated,
         dropout=spec.dropout,
         fan_in_fan_out=target.fan_in_fan_out,
+        adapter_name=adapter_name,
+        a_identity=spec.a_identity,
     )
 
 
 def install_layers(
-    model: nn.Module, layers: Sequence[tuple[str, LoraLayer]], config: LoraConfig
+    model: nn.Module,
+    layers: Sequence[tuple[str, LoraLayer]],
+    config: LoraConfig,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> None:
-    """Freezes ``model``, swaps each ``(name, layer)`` in and records ``config``.
+    """Puts adapter ``adapter_name`` (its ``(name, layer)``, built by :func:`build_layer`)
+    into ``model`` and records ``config`` as its LoraConfig.
 
-    Also puts the frozen factors on DDP's ignore list: every rank builds them itself.
-    The caller makes trainable again what should be (``modules_to_save``).
+    Into a plain model: freezes it, swaps each layer in; the adapter is active. Into a
+    wrapped model: a module already adapted takes the layer's adapter as one more
+    branch (sharing an equal regenerated ``A``), another module is swapped for the
+    layer; the active adapter stays, and the new adapter's factors do not require grad
+    until it is made active. Also puts the frozen factors on DDP's ignore list: every
+    rank builds them itself. The caller makes trainable again what should be
+    (``modules_to_save``).
     """
-    for p in model.parameters():
-        p.requires_grad_(False)
+    first = not is_wrapped(model)
+    if first:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    else:  # not the active adapter: nothing of it is trained for now
+        for _, layer in layers:
+            for _, factor in layer.adapter(adapter_name).factors():
+                factor.requires_grad_(False)
     for name, layer in layers:
-        replace_module(model, name, layer)
-    set_config(model, config)
+        current = model.get_submodule(name)
+        if isinstance(current, LoraLayer):
+            current.take_adapter(layer, adapter_name)
+        else:
+            replace_module(model, name, layer)
+    set_config(model, config, adapter_name)
+    active = active_adapter(model)
+    for name, _ in layers:
+        model.get_submodule(name).set_active(active)
     exclude_frozen_factors_from_ddp(model)
 
 
+def existing_a(model: nn.Module, spec: AdapterSpec) -> torch.Tensor | None:
+    """The ``A`` tensor an adapter of ``model`` already holds for ``spec``'s module with
+    the same :attr:`AdapterSpec.a_identity`, else ``None`` (it is to be built)."""
+    if spec.a_identity is None:
+        return None
+    layer = model.get_submodule(spec.name)
+    if not isinstance(layer, LoraLayer):
+        return None
+    for name in layer.adapter_names:
+        view = layer.adapter(name)
+        if view.a_identity == spec.a_identity:
+            return view.lora_A
+    return None
+
+
+def known_a(model: nn.Module, specs: Sequence[AdapterSpec]) -> dict[str, torch.Tensor]:
+    """:func:`existing_a` of every spec that has one: module name -> ``A``."""
+    found = {s.name: existing_a(model, s) for s in specs}
+    return {name: a for name, a in found.items() if a is not None}
+
+
+def uninstall_layers(model: nn.Module, *, merge: bool) -> None:
+    """Puts plain modules back (with ``merge``, each layer's active adapter merged into
+    its weight first; else merged adapters are unmerged) and forgets every config."""
+    for name, layer in lora_layers(model):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        replace_module(model, name, layer.base_layer)
+    clear_config(model)
+    exclude_frozen_factors_from_ddp(model)  # takes the adapter's names off DDP's list
+
+
+def check_can_add(model: nn.Module, adapter_name: str, *, saves: bool) -> None:
+    """Raises ``ValueError`` when adapter ``adapter_name`` cannot be added to the wrapped
+    ``model``: the name is taken, or modules_to_save (``saves``: the new adapter has
+    some) would have to be kept per adapter."""
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(
+            f"model already has an adapter named {adapter_name!r} (its adapters: "
+            f"{list(configs)}); pick another name or asymlora.delete_adapter it first"
+        )
+    if saves or any(c.modules_to_save for c in configs.values()):
+        raise ValueError(
+            f"cannot add adapter {adapter_name!r}: modules_to_save are trained in place, "
+            "not per adapter, so a model with modules_to_save holds one adapter only"
+        )
+
+
 def initial_factors(
-    specs: Sequence[AdapterSpec], config: LoraConfig, *, threads: int | None = None
+    specs: Sequence[AdapterSpec],
+    config: LoraConfig,
+    *,
+    threads: int | None = None,
+    known: Mapping[str, torch.Tensor] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(A, B)`` to start training from, per spec, as ``config`` says (float32).
 
     ``train="A"``: ``A`` is zero and ``B`` the generator's orthonormal columns;
     otherwise ``B`` is zero and ``A`` orthogonal from the generator (``threads`` in
-    parallel) or Kaiming-uniform as PEFT's.
+    parallel) or Kaiming-uniform as PEFT's. An ``A`` in ``known`` (module name -> the
+    same ``A``, already held by another adapter) is taken as it is, not generated.
     """
     if config.train == "A":
         return [(torch.zeros(s.rank, s.target.d_in), _orthogonal_b(s, config.seed)) for s in specs]
     if config.a_init == "kaiming":
         a_init = [_kaiming_a(s, config.seed) for s in specs]
     else:
+        known = known or {}
+        todo = [s for s in specs if s.name not in known]
         arrays = random_orthogonal_many(
-            [(s.rank, s.target.d_in) for s in specs],
+            [(s.rank, s.target.d_in) for s in todo],
             seed=config.seed,
-            streams=[s.stream for s in specs],
+            streams=[s.stream for s in todo],
             threads=threads,
         )
-        a_init = [to_torch(a) for a in arrays]
+        made = {s.name: to_torch(a) for s, a in zip(todo, arrays)}
+        a_init = [known[s.name] if s.name in known else made[s.name] for s in specs]
     return [(a, torch.zeros(s.target.d_out, s.rank)) for s, a in zip(specs, a_init)]
 
 

@@ -1,4 +1,4 @@
-"""Saving a wrapped model's adapter (format v1) and loading one into a model."""
+"""Saving one adapter of a wrapped model (format v1) and loading one into a model."""
 
 from __future__ import annotations
 
@@ -22,44 +22,59 @@ from asymlora.errors import AdapterMismatchError
 from asymlora.lora_config import LoraConfig
 from asymlora.nn.distributed.dtensor import copy_into, full_tensor
 from asymlora.nn.distributed.process import is_main_process, model_class, unwrap_parallel
-from asymlora.nn.factory import AdapterSpec, build_layer, install_layers, master_dtype
-from asymlora.nn.layer import LoraLayer
-from asymlora.nn.model import config_of, is_wrapped, lora_layers
+from asymlora.nn.factory import (
+    AdapterSpec,
+    a_identity,
+    build_layer,
+    check_can_add,
+    install_layers,
+    known_a,
+    master_dtype,
+)
+from asymlora.nn.layer import DEFAULT_ADAPTER, AdapterView, LoraLayer, check_adapter_name
+from asymlora.nn.model import active_adapter, check_adapter, config_of, is_wrapped, layers_of
 from asymlora.nn.targets import Target, as_target
 from asymlora.nn.tensors import to_numpy, to_torch
 from asymlora.orthogonal import random_orthogonal_many
 
 
-def save_adapter(model: nn.Module, path: PathLike) -> None:
-    """Writes the adapter of a wrapped model to ``path`` (format v1, atomic).
+def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = None) -> None:
+    """Writes one adapter of a wrapped model to ``path`` (format v1, atomic).
 
-    Stores ``B`` of every adapted layer, ``A`` only where the generator cannot rebuild
-    it (trained, Kaiming-initialised or imported), and the full weights of
-    ``modules_to_save``. A frozen orthogonal ``A`` costs 8 bytes of seed in the file.
+    ``adapter_name`` (default: the active adapter) names the adapter of a model that
+    holds several. Stores ``B`` of every layer that holds it, ``A`` only where the
+    generator cannot rebuild it (trained, Kaiming-initialised or imported), and the
+    full weights of ``modules_to_save``. A frozen orthogonal ``A`` costs 8 bytes of
+    seed in the file.
 
     Under ``torch.distributed`` only global rank 0 writes; the other ranks return
     without writing. FSDP2-sharded factors (``DTensor``) are gathered first, which is
     collective: then every rank must call it. A model inside
     ``DistributedDataParallel`` may be passed as is.
+
+    Raises:
+        ValueError: ``model`` is not wrapped, or holds no adapter ``adapter_name``.
     """
     model = unwrap_parallel(model)
-    config = config_of(model)
-    layers = lora_layers(model)
+    config_of(model)
+    name = active_adapter(model) if adapter_name is None else check_adapter(model, adapter_name)
+    config = config_of(model, name)
+    layers = [(n, layer.adapter(name)) for n, layer in layers_of(model, name)]
     modules: dict[str, ModuleConfig] = {}
     tensors: dict[str, np.ndarray] = {}
-    for name, layer in layers:
-        rank, alpha = config.rank_for(name), config.alpha_for(name)
-        modules[name] = ModuleConfig(
-            d_in=layer.d_in,
-            d_out=layer.d_out,
-            stream=layer.stream,
-            a_stored=not layer.a_regenerated,
+    for module, view in layers:
+        rank, alpha = config.rank_for(module), config.alpha_for(module)
+        modules[module] = ModuleConfig(
+            d_in=view.d_in,
+            d_out=view.d_out,
+            stream=view.stream,
+            a_stored=not view.a_regenerated,
             rank=None if rank == config.r else rank,
             alpha=None if alpha == config.alpha else alpha,
         )
-        tensors[f"{name}.lora_B"] = to_numpy(full_tensor(layer.lora_B))
-        if not layer.a_regenerated:
-            tensors[f"{name}.lora_A"] = to_numpy(full_tensor(layer.lora_A))
+        tensors[f"{module}.lora_B"] = to_numpy(full_tensor(view.lora_B))
+        if not view.a_regenerated:
+            tensors[f"{module}.lora_A"] = to_numpy(full_tensor(view.lora_A))
     full = _saved_tensors(model, config)
     tensors.update({k: to_numpy(full_tensor(v)) for k, v in full.items()})
     if not is_main_process():
@@ -78,51 +93,103 @@ def save_adapter(model: nn.Module, path: PathLike) -> None:
 
 
 def load_adapter(
-    model: nn.Module, path: PathLike, *, is_trainable: bool = False, threads: int | None = None
+    model: nn.Module,
+    path: PathLike,
+    adapter_name: str | None = None,
+    *,
+    is_trainable: bool = False,
+    threads: int | None = None,
 ) -> nn.Module:
     """Loads the adapter at ``path`` into ``model`` and returns the model.
 
-    A plain base model is wrapped with the adapter's modules; a model already wrapped
-    must have the same adapted modules, ranks and (for regenerated ``A``) seed and
-    streams, and gets the file's factors. Regenerated ``A`` are rebuilt bit for bit, so
-    the outputs equal those of the model that was saved. With ``is_trainable`` the
-    loaded factors are trainable (``B``, and ``A`` where stored); otherwise frozen.
+    A plain base model is wrapped with the adapter's modules, as adapter
+    ``adapter_name`` (default ``"default"``), which is active. Into a wrapped model:
+
+    - with ``adapter_name``: one more adapter of that name, not active (see
+      :func:`asymlora.set_adapter`); it may have its own modules, ranks, seed or stored
+      ``A``. A regenerated ``A`` equal to one an adapter of the model already holds (same
+      seed, stream, rank, dtype, gain) is that buffer, not a copy: only ``B`` takes memory;
+    - without: the file's factors replace those of the active adapter, which must have
+      the same adapted modules, ranks and (for regenerated ``A``) seed and streams.
+
+    Regenerated ``A`` are rebuilt bit for bit, so the outputs equal those of the model
+    that was saved. With ``is_trainable`` the loaded factors are trainable (``B``, and
+    ``A`` where stored); otherwise frozen.
 
     Raises:
         AdapterMismatchError: the adapter does not fit ``model``; the model is unchanged.
         AdapterFormatError: the file is not a valid v1 adapter.
+        ValueError: ``adapter_name`` is taken or cannot name a module, modules_to_save
+            would meet a second adapter, or the active adapter is merged (loading into it).
     """
+    adding = adapter_name is not None and is_wrapped(model)
+    name = DEFAULT_ADAPTER if adapter_name is None else check_adapter_name(adapter_name)
     adapter = read_adapter(path)
-    if is_wrapped(model):
+    if adding:
+        check_can_add(model, name, saves=bool(adapter.config.full_tensors))
+        _add_from_adapter(model, adapter, name, is_trainable=is_trainable, threads=threads)
+    elif is_wrapped(model):
         _load_into_wrapped(model, adapter)
     else:
-        _wrap_from_adapter(model, adapter, is_trainable=is_trainable, threads=threads)
+        _wrap_from_adapter(model, adapter, name, is_trainable=is_trainable, threads=threads)
     return model
 
 
 def _wrap_from_adapter(
-    model: nn.Module, adapter: Adapter, *, is_trainable: bool, threads: int | None
+    model: nn.Module, adapter: Adapter, name: str, *, is_trainable: bool, threads: int | None
 ) -> None:
     targets = _place(model, adapter)
     full = _check_full_tensors(model, adapter)
-    config = _config_from(adapter, is_trainable)
-    a_factors = _a_factors(adapter, threads)
-    layers = []
-    for target in targets:
-        b = to_torch(adapter.lora_B(target.name))
-        spec = _spec(target, adapter, is_trainable)
-        layers.append((target.name, build_layer(spec, a_factors[target.name], b)))
+    layers = _build_layers(model, adapter, targets, name, is_trainable, threads)
     # Everything is checked; from here on the model changes.
-    install_layers(model, layers, config)
+    install_layers(model, layers, _config_from(adapter, is_trainable), name)
     _copy_full_tensors(model, full, trainable=is_trainable)
+
+
+def _add_from_adapter(
+    model: nn.Module, adapter: Adapter, name: str, *, is_trainable: bool, threads: int | None
+) -> None:
+    targets = _place(model, adapter, adapted=True)
+    layers = _build_layers(model, adapter, targets, name, is_trainable, threads)
+    # Everything is checked; from here on the model changes.
+    install_layers(model, layers, _config_from(adapter, is_trainable), name)
+
+
+def _build_layers(
+    model: nn.Module,
+    adapter: Adapter,
+    targets: list[Target],
+    name: str,
+    is_trainable: bool,
+    threads: int | None,
+) -> list[tuple[str, LoraLayer]]:
+    specs = [_spec(target, adapter, is_trainable) for target in targets]
+    a_factors = _a_factors(adapter, threads, known_a(model, specs))
+    layers = []
+    for spec in specs:
+        b = to_torch(adapter.lora_B(spec.name))
+        layers.append((spec.name, build_layer(spec, a_factors[spec.name], b, name)))
+    return layers
 
 
 def _spec(target: Target, adapter: Adapter, is_trainable: bool) -> AdapterSpec:
     cfg = adapter.config
     m = cfg.modules[target.name]
+    rank = cfg.module_rank(target.name)
+    identity = None
+    if not m.a_stored:
+        identity = a_identity(
+            generator=cfg.generator,
+            seed=cfg.seed,
+            stream=m.stream,
+            rank=rank,
+            d_in=m.d_in,
+            dtype=cfg.a_dtype,
+            gain=cfg.a_gain,
+        )
     return AdapterSpec(
         target,
-        rank=cfg.module_rank(target.name),
+        rank=rank,
         scale=cfg.scale(target.name),
         stream=m.stream,
         train_A=is_trainable and m.a_stored,
@@ -131,22 +198,29 @@ def _spec(target: Target, adapter: Adapter, is_trainable: bool) -> AdapterSpec:
         # A frozen B keeps the master dtype too: saving the loaded model again writes
         # the file's bits, not B rounded to a half-precision weight's dtype.
         dtype_B=master_dtype(target.module.weight.dtype),
+        a_identity=identity,
     )
 
 
 def _load_into_wrapped(model: nn.Module, adapter: Adapter) -> None:
     cfg = adapter.config
-    layers = dict(lora_layers(model))
+    active = active_adapter(model)
+    layers = {n: layer.adapter(active) for n, layer in layers_of(model, active)}
+    if any(view.layer.merged_adapter is not None for view in layers.values()):
+        raise ValueError(
+            f"adapter {active!r} is merged; call asymlora.unmerge_adapter(model) before "
+            "loading other factors into it"
+        )
     _raise_if(_fit_problems(layers, cfg, config_of(model).seed), adapter)
     full = _check_full_tensors(model, adapter)
-    for name, layer in layers.items():  # FSDP2-sharded factors take their part
-        copy_into(layer.lora_B, to_torch(adapter.lora_B(name)))
+    for name, view in layers.items():  # FSDP2-sharded factors take their part
+        copy_into(view.lora_B, to_torch(adapter.lora_B(name)))
         if cfg.modules[name].a_stored:
-            copy_into(layer.lora_A, to_torch(adapter.lora_A(name)))
+            copy_into(view.lora_A, to_torch(adapter.lora_A(name)))
     _copy_full_tensors(model, full, trainable=None)
 
 
-def _fit_problems(layers: Mapping[str, LoraLayer], cfg: AdapterConfig, seed: int) -> list[str]:
+def _fit_problems(layers: Mapping[str, AdapterView], cfg: AdapterConfig, seed: int) -> list[str]:
     # Why the adapter's factors cannot replace those of a model wrapped with ``seed``.
     problems = []
     if set(layers) != set(cfg.modules):
@@ -163,7 +237,7 @@ def _fit_problems(layers: Mapping[str, LoraLayer], cfg: AdapterConfig, seed: int
     return problems
 
 
-def _module_fit_problem(name: str, layer: LoraLayer, cfg: AdapterConfig, seed: int) -> str | None:
+def _module_fit_problem(name: str, layer: AdapterView, cfg: AdapterConfig, seed: int) -> str | None:
     m = cfg.modules[name]
     if (layer.rank, layer.d_in, layer.d_out) != (cfg.module_rank(name), m.d_in, m.d_out):
         return (
@@ -184,7 +258,7 @@ def _module_fit_problem(name: str, layer: LoraLayer, cfg: AdapterConfig, seed: i
     return None
 
 
-def _place(model: nn.Module, adapter: Adapter) -> list[Target]:
+def _place(model: nn.Module, adapter: Adapter, *, adapted: bool = False) -> list[Target]:
     cfg = adapter.config
     problems = []
     targets = []
@@ -194,7 +268,7 @@ def _place(model: nn.Module, adapter: Adapter) -> list[Target]:
         except AttributeError:
             problems.append(f"{name}: no such module in {type(model).__name__}")
             continue
-        target = as_target(model, name, module)
+        target = as_target(model, name, module, adapted=adapted)
         if isinstance(target, str):
             problems.append(f"{name}: {target}")
         elif (target.d_in, target.d_out) != (m.d_in, m.d_out):
@@ -208,9 +282,12 @@ def _place(model: nn.Module, adapter: Adapter) -> list[Target]:
     return targets
 
 
-def _a_factors(adapter: Adapter, threads: int | None) -> dict[str, torch.Tensor]:
+def _a_factors(
+    adapter: Adapter, threads: int | None, known: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    # A per module: stored, already held by the model (``known``), or regenerated.
     cfg = adapter.config
-    regenerated = [n for n, m in cfg.modules.items() if not m.a_stored]
+    regenerated = [n for n, m in cfg.modules.items() if not m.a_stored and n not in known]
     arrays = random_orthogonal_many(
         [(cfg.module_rank(n), cfg.modules[n].d_in) for n in regenerated],
         seed=cfg.seed,
@@ -220,6 +297,7 @@ def _a_factors(adapter: Adapter, threads: int | None) -> dict[str, torch.Tensor]
         threads=threads,
     )
     factors = {n: to_torch(a) for n, a in zip(regenerated, arrays)}
+    factors.update(known)
     for name, m in cfg.modules.items():
         if m.a_stored:
             factors[name] = to_torch(adapter.lora_A(name))
@@ -294,7 +372,7 @@ def _config_from(adapter: Adapter, is_trainable: bool) -> LoraConfig:
     )
 
 
-def _describe(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> dict[str, object]:
+def _describe(model: nn.Module, layers: list[tuple[str, AdapterView]]) -> dict[str, object]:
     # Informational (format v1 does not interpret base_model); PEFT export reads
     # fan_in_fan_out to mark GPT-2 style Conv1D weights.
     description: dict[str, object] = {"class": model_class(model).__name__}

@@ -22,6 +22,7 @@ class Target:
     """A module that can be adapted, with its shape."""
 
     name: str
+    #: the linear module itself (the base layer of a module that is already adapted)
     module: nn.Module
     d_in: int
     d_out: int
@@ -29,8 +30,11 @@ class Target:
     fan_in_fan_out: bool
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
+def find_targets(model: nn.Module, config: LoraConfig, *, adapted: bool = False) -> list[Target]:
     """The modules ``config`` selects, in ``named_modules`` order, checked.
+
+    With ``adapted``, a module that is already a :class:`LoraLayer` can be selected (to
+    add another adapter to it); the modules inside adapted layers never are.
 
     Raises:
         ValueError: nothing matches, or a selected module cannot be adapted (not a
@@ -42,7 +46,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     targets = []
     problems = []
     for name, module in selected:
-        target = as_target(model, name, module)
+        target = as_target(model, name, module, adapted=adapted)
         if isinstance(target, str):
             problems.append(f"{name}: {target}")
             continue
@@ -58,10 +62,17 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     return targets
 
 
-def as_target(model: nn.Module, name: str, module: nn.Module) -> Target | str:
-    """``module`` (called ``name`` in ``model``) as a :class:`Target`, or why it cannot be one."""
+def as_target(
+    model: nn.Module, name: str, module: nn.Module, *, adapted: bool = False
+) -> Target | str:
+    """``module`` (called ``name`` in ``model``) as a :class:`Target`, or why it cannot be one.
+
+    With ``adapted``, a :class:`LoraLayer` is the target of its base layer.
+    """
     if isinstance(module, LoraLayer):
-        return "already adapted"
+        if not adapted:
+            return "already adapted"
+        module = module.base_layer
     if not is_linear(module):
         kind = type(module).__name__
         return f"{kind} is not supported (only torch.nn.Linear and transformers Conv1D)"
@@ -116,13 +127,28 @@ def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]
         head = _output_head(model)
         return [
             (n, m)
-            for n, m in model.named_modules()
-            if is_linear(m)
+            for n, m in _candidates(model)
+            if (is_linear(m) or isinstance(m, LoraLayer))
             and m is not head
             and not config.saves(n)
             and not _inside_saved(n, config)
         ]
-    return [(n, m) for n, m in model.named_modules() if n and config.targets(n)]
+    return [(n, m) for n, m in _candidates(model) if n and config.targets(n)]
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    # named_modules without what is inside adapted layers (their base layers, factors):
+    # named_modules is depth first, so a layer's insides follow the layer itself.
+    skip: str | None = None
+    found = []
+    for name, module in model.named_modules():
+        if skip is not None and name.startswith(skip):
+            continue
+        skip = None
+        found.append((name, module))
+        if isinstance(module, LoraLayer):
+            skip = name + "." if name else ""
+    return found
 
 
 def _inside_saved(name: str, config: LoraConfig) -> bool:

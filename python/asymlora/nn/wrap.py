@@ -1,4 +1,5 @@
-"""Wrapping a model in place, merging its adapters into the weights, and unwrapping it."""
+"""Wrapping a model in place (or adding a named adapter to a wrapped one), merging its
+active adapter into the weights, and unwrapping it."""
 
 from __future__ import annotations
 
@@ -7,22 +8,39 @@ import warnings
 from torch import nn
 
 from asymlora.lora_config import LoraConfig
-from asymlora.nn.distributed.ddp import exclude_frozen_factors_from_ddp
 from asymlora.nn.distributed.fingerprint import check_layers, should_check
-from asymlora.nn.factory import AdapterSpec, build_layer, initial_factors, install_layers
-from asymlora.nn.layer import LoraLayer
-from asymlora.nn.model import clear_config, is_wrapped, lora_layers, replace_module
+from asymlora.nn.factory import (
+    AdapterSpec,
+    a_identity,
+    build_layer,
+    check_can_add,
+    initial_factors,
+    install_layers,
+    known_a,
+    uninstall_layers,
+)
+from asymlora.nn.layer import DEFAULT_ADAPTER, LoraLayer, check_adapter_name
+from asymlora.nn.model import active_adapter, is_wrapped, lora_layers
 from asymlora.nn.targets import Target, find_targets, modules_to_save
 
 
 def wrap(
     model: nn.Module,
     config: LoraConfig,
+    adapter_name: str | None = None,
     *,
     threads: int | None = None,
     check_ranks: bool | None = None,
 ) -> nn.Module:
     """Adds adapters to ``model`` in place and returns it.
+
+    Without ``adapter_name`` the model must not be wrapped yet, and gets the adapter
+    ``"default"``. With ``adapter_name``, a plain model gets that adapter (active); a
+    wrapped model gets one more adapter of that name (not active: see
+    :func:`asymlora.set_adapter`), with its own targets, ranks and seed. Its frozen
+    ``A`` of a module is the buffer another adapter already holds there when both are
+    the generator's same output (same seed and stream, rank, dtype): memory only for
+    its ``B``.
 
     Every ``nn.Linear`` or transformers ``Conv1D`` selected by ``config.target_modules``
     becomes a :class:`LoraLayer`; all other parameters are frozen except those of
@@ -37,76 +55,111 @@ def wrap(
 
     Raises:
         ValueError: nothing matches, a match is not a supported layer, a rank exceeds
-            a dimension, or the model is already wrapped. The model is left unchanged.
+            a dimension, the model is already wrapped (no ``adapter_name``), the name
+            is taken or cannot name a module, or modules_to_save would meet a second
+            adapter. The model is left unchanged.
         DistributedMismatchError: ranks disagree (e.g. a different seed per rank); on
             every rank, the model left unchanged.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be an asymlora.LoraConfig, got {type(config).__name__}")
-    if is_wrapped(model):
-        raise ValueError("model is already wrapped; call asymlora.unwrap(model) first")
-    targets = find_targets(model, config)
+    adding = adapter_name is not None and is_wrapped(model)
+    name = DEFAULT_ADAPTER if adapter_name is None else check_adapter_name(adapter_name)
+    if adding:
+        check_can_add(model, name, saves=bool(config.modules_to_save))
+    elif is_wrapped(model):
+        raise ValueError(
+            "model is already wrapped; call asymlora.unwrap(model) first, or pass "
+            "adapter_name to add another adapter"
+        )
+    targets = find_targets(model, config, adapted=adding)
     saved = modules_to_save(model, config, {t.name for t in targets})
-    layers = build_layers(targets, config, threads=threads)
+    layers = build_layers(targets, config, threads=threads, adapter_name=name, model=model)
     named = [(target.name, layer) for target, layer in zip(targets, layers)]
     if should_check(check_ranks):
         check_layers(named, config)
     # Everything is checked; from here on the model changes.
-    install_layers(model, named, config)
+    install_layers(model, named, config, name)
     for module in saved:
         module.requires_grad_(True)
     return model
 
 
 def build_layers(
-    targets: list[Target], config: LoraConfig, *, threads: int | None = None
+    targets: list[Target],
+    config: LoraConfig,
+    *,
+    threads: int | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
+    model: nn.Module | None = None,
 ) -> list[LoraLayer]:
     """Adapter layers around each target's module, initialised per ``config``.
 
-    Target ``i`` gets generator stream ``i``.
+    Target ``i`` gets generator stream ``i``. An ``A`` that an adapter of ``model``
+    already holds for the module (same generator output) is reused, not generated.
     """
     specs = [adapter_spec(target, stream, config) for stream, target in enumerate(targets)]
-    factors = initial_factors(specs, config, threads=threads)
-    return [build_layer(spec, a, b) for spec, (a, b) in zip(specs, factors)]
+    known = known_a(model, specs) if model is not None else {}
+    factors = initial_factors(specs, config, threads=threads, known=known)
+    return [build_layer(spec, a, b, adapter_name) for spec, (a, b) in zip(specs, factors)]
 
 
 def adapter_spec(target: Target, stream: int, config: LoraConfig) -> AdapterSpec:
     """How ``config`` adapts ``target``, which gets generator stream ``stream``."""
+    rank = config.rank_for(target.name)
+    identity = None
+    if config.a_regenerable:
+        identity = a_identity(
+            generator="haar-v1",
+            seed=config.seed,
+            stream=stream,
+            rank=rank,
+            d_in=target.d_in,
+            dtype="float32",
+            gain=1.0,
+        )
     return AdapterSpec(
         target,
-        rank=config.rank_for(target.name),
+        rank=rank,
         scale=config.scale_for(target.name),
         stream=stream,
         train_A=config.train in ("A", "AB"),
         train_B=config.train in ("B", "AB"),
         a_regenerated=config.a_regenerable,
         dropout=config.dropout,
+        a_identity=identity,
     )
 
 
 def unwrap(model: nn.Module, *, merge: bool = True) -> nn.Module:
-    """Puts plain modules back; with ``merge`` the adapters are merged into the weights first.
+    """Puts plain modules back; with ``merge`` the active adapter is merged into the weights
+    first (other adapters are dropped).
 
-    With ``merge=False`` the adapters are dropped (merged ones are unmerged), giving the
+    With ``merge=False`` every adapter is dropped (a merged one is unmerged), giving the
     base model back; ``modules_to_save`` keep their trained values either way.
     """
-    for name, layer in lora_layers(model):
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
-        replace_module(model, name, layer.base_layer)
-    clear_config(model)
-    exclude_frozen_factors_from_ddp(model)  # takes the adapter's names off DDP's list
+    _check_no_route(model, "unwrap")
+    uninstall_layers(model, merge=merge)
     return model
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:
-    """``W += s * B @ A`` in every adapted layer (float32, rounded once); returns ``model``.
+    """``W += s * B @ A`` of the active adapter in every layer that holds it (float32,
+    rounded once); returns ``model``.
 
-    Forward then skips the adapter branch until :func:`unmerge_adapter`. PEFT's
-    ``merge_adapter``; :func:`unwrap` merges and puts plain modules back.
+    Forward then skips that adapter's branch until :func:`unmerge_adapter`. PEFT's
+    ``merge_adapter``; :func:`unwrap` merges and puts plain modules back. With several
+    adapters only the active one is merged; until :func:`unmerge_adapter`,
+    :func:`asymlora.set_adapter` to another adapter, :func:`asymlora.per_sample_adapters`
+    and :func:`asymlora.disable_adapters` raise ``ValueError``.
     """
+    _check_no_route(model, "merge_adapter")
+    if not lora_layers(model):
+        return model
+    active = active_adapter(model)
+    merged = {layer.merged_adapter for _, layer in lora_layers(model)} - {None}
+    if merged - {active}:
+        raise ValueError(f"adapter {sorted(merged)[0]!r} is merged; unmerge_adapter first")
     for _, layer in lora_layers(model):
         layer.merge()
     return model
@@ -114,9 +167,17 @@ def merge_adapter(model: nn.Module) -> nn.Module:
 
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Undoes :func:`merge_adapter`: ``W -= s * B @ A`` (exact only as far as W's dtype allows)."""
+    _check_no_route(model, "unmerge_adapter")
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model
+
+
+def _check_no_route(model: nn.Module, what: str) -> None:
+    if any(layer.route is not None for _, layer in lora_layers(model)):
+        raise ValueError(
+            f"{what} inside disable_adapters or per_sample_adapters; leave the context first"
+        )
 
 
 def merge(model: nn.Module) -> nn.Module:

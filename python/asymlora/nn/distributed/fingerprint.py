@@ -22,7 +22,7 @@ from asymlora.errors import DistributedMismatchError
 from asymlora.lora_config import LoraConfig
 from asymlora.nn.distributed.dtensor import full_tensor
 from asymlora.nn.distributed.process import is_distributed, unwrap_parallel, world_size
-from asymlora.nn.layer import LoraLayer
+from asymlora.nn.layer import DEFAULT_ADAPTER, LoraLayer
 from asymlora.nn.model import config_of, lora_layers
 from asymlora.nn.tensors import to_numpy
 
@@ -104,18 +104,25 @@ class _ModulePrint:
 
     @classmethod
     def of(cls, name: str, layer: LoraLayer) -> _ModulePrint:
-        frozen = layer.frozen_factors()
-        dtypes = ", ".join(f"{n} {str(b.dtype).removeprefix('torch.')}" for n, b in frozen)
-        header = (
-            f"stream {layer.stream}, rank {layer.rank}, {layer.d_out}x{layer.d_in}, "
-            f"scale {layer.scale!r}, trained {layer.trained_factors()}, "
-            f"regenerated A {layer.a_regenerated}, frozen {dtypes or 'none'}"
-        )
+        adapters = layer.adapter_names
+        headers = []
         digest = hashlib.blake2b(digest_size=8, person=b"asymlora-module")
-        digest.update(header.encode())
-        for _, buffer in frozen:
-            digest.update(to_numpy(full_tensor(buffer)).tobytes())
-        return cls(name, header, digest.hexdigest())
+        for adapter in adapters:
+            view = layer.adapter(adapter)
+            frozen = view.frozen_factors()
+            dtypes = ", ".join(f"{n} {str(b.dtype).removeprefix('torch.')}" for n, b in frozen)
+            header = (
+                f"stream {view.stream}, rank {view.rank}, {layer.d_out}x{layer.d_in}, "
+                f"scale {view.scale!r}, trained {view.trained_factors()}, "
+                f"regenerated A {view.a_regenerated}, frozen {dtypes or 'none'}"
+            )
+            if adapters != [DEFAULT_ADAPTER]:  # a one-adapter layer prints as it always did
+                header = f"adapter {adapter!r}: {header}"
+            headers.append(header)
+            digest.update(header.encode())
+            for _, buffer in frozen:
+                digest.update(to_numpy(full_tensor(buffer)).tobytes())
+        return cls(name, "; ".join(headers), digest.hexdigest())
 
 
 @dataclass(frozen=True)

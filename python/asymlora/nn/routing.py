@@ -1,0 +1,189 @@
+"""Routes: what every adapted layer computes while a model-wide context is active.
+
+- :class:`DisabledRoute` (``disable_adapters``): the base layer's output alone;
+- :class:`PerSampleRoute` (``per_sample_adapters``): row ``i`` of the batch gets the
+  branch of adapter ``names[i]`` (``None``: none). Per layer, ``x A^T`` is computed once
+  per distinct ``A`` (adapters sharing a regenerated ``A`` share this product, so a batch
+  of adapters from one seed computes it once for the whole batch), then each row's
+  ``s B^T`` is applied to its own rows: the scaled ``B^T`` of the layer's adapters are
+  stacked once per context, gathered per row and applied by one batched matmul
+  (``"gather"``), or applied adapter by adapter to their rows with ``index_add_``
+  (``"grouped"``). Rows are never copied per adapter; ``x`` is copied (rows of one
+  ``A`` gathered) only when a layer sees more than one distinct ``A``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from asymlora.nn.layer import LoraLayer
+
+#: how a mixed batch applies its B factors: "gather" (one bmm over per-row B) or
+#: "grouped" (one matmul and index_add_ per adapter)
+ALGORITHMS = ("gather", "grouped")
+
+
+class DisabledRoute:
+    """Every adapted layer gives its base layer's output (``disable_adapters``)."""
+
+    def __call__(self, layer: LoraLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+class PerSampleRoute:
+    """Row ``i`` of every batch goes through adapter ``names[i]`` (``None``: the base).
+
+    Plans (stacked ``B``, row indices) are built per layer, device and dtype on first
+    use and kept for the route's lifetime: the factors are read once per context.
+    """
+
+    def __init__(self, names: Sequence[str | None], algorithm: str = "gather") -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        self.names = tuple(names)
+        self.algorithm = algorithm
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            if name is not None:
+                rows.setdefault(name, []).append(i)
+        #: adapter name -> its rows, in order of first appearance
+        self.rows = rows
+        self._plans: dict[tuple[int, torch.device, torch.dtype], _LayerPlan] = {}
+
+    def __call__(self, layer: LoraLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[0] != len(self.names):
+            rows = x.shape[0] if x.dim() >= 2 else "no"
+            raise ValueError(
+                f"per_sample_adapters: names has {len(self.names)} entries but an adapted "
+                f"layer got a batch of {rows} rows; give one name per row of the batch the "
+                "layers see (model.generate with num_beams or num_return_sequences k > 1 "
+                "expands each row k times: repeat each name k times)"
+            )
+        key = (id(layer), x.device, x.dtype)
+        plan = self._plans.get(key)
+        if plan is None or plan.layer is not layer:
+            plan = _LayerPlan.build(layer, self.rows, len(self.names), x, self.algorithm)
+            self._plans[key] = plan
+        return plan(x, y)
+
+
+@dataclass
+class _Group:
+    """Adapters of one layer that share one ``A`` (or one adapter, when dropout is on)."""
+
+    a: torch.Tensor  # r x d_in, in x's dtype
+    dropout: torch.nn.Module
+    #: the group's rows of the batch, or None: the whole batch goes through x A^T
+    rows: torch.Tensor | None
+    #: (K + 1) x r x d_out: s_k B_k^T of the K adapters, then zeros ("gather")
+    bt_stack: torch.Tensor
+    #: per row of the group's batch, the index in bt_stack ("gather")
+    slots: torch.Tensor
+    #: per adapter: (rows within the group's batch, s B^T) ("grouped")
+    members: list[tuple[torch.Tensor, torch.Tensor]]
+    #: one adapter over the whole batch: the layer's own branch, (B, scale)
+    whole: tuple[torch.Tensor, float] | None
+
+
+@dataclass
+class _LayerPlan:
+    layer: LoraLayer
+    groups: list[_Group]
+    trainable: list[str]
+    algorithm: str
+
+    @classmethod
+    def build(
+        cls,
+        layer: LoraLayer,
+        rows: dict[str, list[int]],
+        size: int,
+        x: torch.Tensor,
+        algorithm: str,
+    ) -> _LayerPlan:
+        present = [name for name in rows if layer.has_adapter(name)]
+        views = {name: layer.adapter(name) for name in present}
+        dropout_on = layer.training and any(
+            not isinstance(v.dropout, torch.nn.Identity) for v in views.values()
+        )
+        by_a: dict[str, list[str]] = {}
+        for name in present:
+            key = name if dropout_on else views[name].a_owner
+            by_a.setdefault(key, []).append(name)
+        device, dtype = x.device, x.dtype
+        groups = []
+        for names in by_a.values():
+            first = views[names[0]]
+            group_rows = sorted(i for n in names for i in rows[n])
+            whole_batch = len(by_a) == 1 and not dropout_on
+            local = {i: i for i in range(size)} if whole_batch else _positions(group_rows)
+            count = size if whole_batch else len(group_rows)
+            slots = torch.full((count,), len(names), dtype=torch.long)
+            members = []
+            for k, n in enumerate(names):
+                index = torch.tensor([local[i] for i in rows[n]], dtype=torch.long)
+                slots[index] = k
+                bt = (views[n].scale * views[n].lora_B.detach().to(dtype).t()).contiguous()
+                members.append((index.to(device), bt.to(device)))
+            r, d_out = first.rank, layer.d_out
+            zeros = torch.zeros(1, r, d_out, dtype=dtype, device=device)
+            whole = None
+            if len(names) == 1 and len(group_rows) == size and not dropout_on:
+                whole = (first.lora_B, first.scale)
+            groups.append(
+                _Group(
+                    a=first.lora_A.detach().to(device=device, dtype=dtype),
+                    dropout=first.dropout,
+                    rows=None if whole_batch else torch.tensor(group_rows, device=device),
+                    bt_stack=torch.cat([bt.unsqueeze(0) for _, bt in members] + [zeros]),
+                    slots=slots.to(device),
+                    members=members,
+                    whole=whole,
+                )
+            )
+        trainable = [n for n, v in views.items() if v.requires_grad()]
+        return cls(layer, groups, trainable, algorithm)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.trainable and torch.is_grad_enabled():
+            raise RuntimeError(
+                "per_sample_adapters is for inference: adapter "
+                f"{self.trainable[0]!r} has factors that require grad; run under "
+                "torch.no_grad() or torch.inference_mode() (model.generate does)"
+            )
+        layer = self.layer
+        for group in self.groups:
+            if group.whole is not None:  # one adapter for every row: the usual branch
+                b, scale = group.whole
+                return layer.add_branch(y, group.dropout(x), group.a, b, scale)
+            xg = x if group.rows is None else x.index_select(0, group.rows)
+            h = F.linear(group.dropout(xg), group.a)
+            h3 = h.reshape(h.shape[0], -1, h.shape[-1])  # rows x tokens x r
+            if self.algorithm == "gather":
+                delta = torch.bmm(h3, group.bt_stack.index_select(0, group.slots))
+                y = _add_rows(layer, y, group.rows, delta)
+            else:
+                for index, bt in group.members:
+                    rows = index if group.rows is None else group.rows.index_select(0, index)
+                    y = _add_rows(layer, y, rows, h3.index_select(0, index) @ bt)
+        return y
+
+
+def _add_rows(
+    layer: LoraLayer, y: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor
+) -> torch.Tensor:
+    # y (+)= delta on the given rows (all rows for None); delta is rows x tokens x d_out.
+    shape = (delta.shape[0], *y.shape[1:])
+    delta = delta.reshape(shape).to(y.dtype)
+    in_place = layer.may_add_in_place(y, delta)
+    if rows is None:
+        return y.add_(delta) if in_place else y + delta
+    return y.index_add_(0, rows, delta) if in_place else y.index_add(0, rows, delta)
+
+
+def _positions(rows: list[int]) -> dict[int, int]:
+    return {row: i for i, row in enumerate(rows)}
