@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from asymlora._native import FORMAT_VERSION, GENERATORS
 from asymlora.adapter import Adapter, AdapterConfig, ModuleConfig, read_adapter, write_adapter
+from asymlora.combine import CombineReport, combine_adapters
 from asymlora.errors import (
     AdapterFormatError,
     AdapterMismatchError,
@@ -108,6 +109,7 @@ __all__ = [
     "AsymloraCallback",
     "AsymloraError",
     "CheckpointError",
+    "CombineReport",
     "DistributedMismatchError",
     "LoraConfig",
     "LoraLayer",
@@ -120,6 +122,7 @@ __all__ = [
     "active_adapter",
     "adapter_fingerprint",
     "check_ranks",
+    "combine_adapters",
     "delete_adapter",
     "disable_adapters",
     "export_peft",

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use asymlora_core::adapter::{human_bytes, render_inspect, AdapterFile};
+use asymlora_core::combine::{self, CombineOptions};
 use asymlora_core::merge::{self, AdapterInput, MergeOptions, MergeReport, Observer, Totals};
 use asymlora_core::peft::import_peft;
 use asymlora_core::{Dtype, Error};
@@ -45,6 +46,42 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Combine adapters into one whose update is sum_i w_i * s_i * B_i A_i (exact).
+    #[command(long_about = COMBINE_ABOUT)]
+    Combine(CombineArgs),
+}
+
+const COMBINE_ABOUT: &str = "\
+Combine adapters into one adapter file whose update is sum_i w_i * s_i * B_i A_i.
+
+Each ADAPTER is an asymlora adapter file or a PEFT LoRA directory; ADAPTER:WEIGHT
+scales its update (default 1). Per module, adapters that share A (same generator,
+seed, A dtype, gain, stream, rank and d_in; or the same stored A) keep that A and
+sum their B: B = sum_i w_i (s_i / s) B_i, same rank, still seed-plus-B. Modules
+over different A's are concatenated: A = vstack(A_i) is stored, the rank is the
+sum of the ranks, s = 1 and B = hstack(w_i s_i B_i). B is computed in float64
+and rounded once (float32 unless every input's B has one same dtype; see
+--b-dtype). Modules of only some adapters combine over those that hold them;
+full tensors (modules_to_save) are copied from the one adapter that holds them,
+which must have weight 1. Spec: docs/combine.md.";
+
+#[derive(clap::Args, Debug)]
+struct CombineArgs {
+    /// asymlora adapter files or PEFT LoRA directories, each optionally with :WEIGHT.
+    #[arg(value_name = "ADAPTER[:WEIGHT]")]
+    adapters: Vec<String>,
+    /// The adapter file to write (atomically).
+    #[arg(short, long, value_name = "OUT")]
+    out: PathBuf,
+    /// dtype of every combined B (float32, float16, bfloat16, float64); default: the inputs' common dtype, else float32.
+    #[arg(long, value_name = "DTYPE")]
+    b_dtype: Option<String>,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    force: bool,
+    /// No summary line (warnings and errors are still printed).
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 const IMPORT_PEFT_ABOUT: &str = "\
@@ -207,7 +244,41 @@ fn execute(command: Command, cancelled: &dyn Fn() -> bool) -> Result<(), Failure
             );
             Ok(())
         }
+        Command::Combine(args) => run_combine(args),
     }
+}
+
+fn run_combine(args: CombineArgs) -> Result<(), Failure> {
+    // Adapters and weights are parsed here, not by clap, so that every bad input is a
+    // one-line `asymlora: error: ...` with exit code 1.
+    let adapters = args
+        .adapters
+        .iter()
+        .map(|a| AdapterInput::parse(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = CombineOptions {
+        b_dtype: args.b_dtype.as_deref().map(combine::parse_b_dtype).transpose()?,
+        force: args.force,
+    };
+    let report = combine::combine(&adapters, &args.out, &opts)?;
+    let mut err = std::io::stderr().lock();
+    for w in &report.warnings {
+        let _ = writeln!(err, "asymlora: warning: {w}");
+    }
+    if !args.quiet {
+        let _ = writeln!(
+            err,
+            "asymlora: combined {} adapter(s) into {}: {} module(s) ({} with a shared A, B summed; {} concatenated), \
+             {} full tensor(s)",
+            report.adapters,
+            report.out.display(),
+            report.modules,
+            report.shared,
+            report.concatenated,
+            report.full_tensors
+        );
+    }
+    Ok(())
 }
 
 /// Progress bar on stderr (only when it is a terminal) and cancellation.

@@ -7,9 +7,11 @@
 //! * [`io`] — safetensors files: mapped reading, atomic writing with reproducible bytes.
 //! * [`adapter`] — the seed-plus-B adapter file format v1 (read, validate, write, inspect).
 //! * [`peft`] — PEFT LoRA adapter directories: the one reader, PEFT's pattern rule, import.
+//! * [`combine`] — exact adapter algebra: several adapters combined into one (weighted sum of updates).
 //! * [`merge`] — offline, streaming merge of adapters (ours or PEFT's) into safetensors checkpoints.
 
 pub mod adapter;
+pub mod combine;
 pub mod dtype;
 pub mod error;
 pub mod householder;

@@ -2,6 +2,7 @@
 //! Argument conversion and error mapping only; all logic lives in the core.
 
 mod adapter;
+mod combine;
 mod errors;
 mod merge;
 mod orthogonal;
@@ -29,6 +30,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     safetensors_io::register(m)?;
     merge::register(m)?;
     peft::register(m)?;
+    combine::register(m)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add("GENERATORS", asymlora_core::Generator::ALL.map(|g| g.name()).to_vec())?;
     m.add("FORMAT_VERSION", asymlora_core::adapter::FORMAT_VERSION)?;
