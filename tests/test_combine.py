@@ -370,6 +370,8 @@ def test_refusals(tmp_path):
         asymlora.combine_adapters([full, full], out)
     with pytest.raises(FileNotFoundError):
         asymlora.combine_adapters([tmp_path / "missing.safetensors"], out)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        asymlora.combine_adapters([a], tmp_path / "no-such-dir" / "out.safetensors")
     with pytest.raises(FileExistsError, match="is the input adapter"):
         asymlora.combine_adapters([a], a, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing written"
@@ -377,7 +379,7 @@ def test_refusals(tmp_path):
     out.write_bytes(b"old")
     with pytest.raises(FileExistsError, match="already exists"):
         asymlora.combine_adapters([a], out)
-    asymlora.combine_adapters([a], out, force=True)
+    asymlora.combine_adapters([(a, np.float32(1.0))], out, force=True)  # numpy weights too
     assert out.read_bytes() == a.read_bytes()
 
 

@@ -11,6 +11,7 @@ Spec: docs/combine.md.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -92,10 +93,10 @@ def combine_adapters(
     return report
 
 
-def _pairs(adapters: PathLike | Sequence[AdapterArg]) -> list[tuple[str, float]]:
+def _pairs(adapters: PathLike | Sequence[AdapterArg]) -> list[tuple[PathLike, float]]:
     if isinstance(adapters, (str, os.PathLike)):
         return [(os.fspath(adapters), 1.0)]
-    pairs = []
+    pairs: list[tuple[PathLike, float]] = []
     for item in adapters:
         if isinstance(item, (str, os.PathLike)):
             pairs.append((os.fspath(item), 1.0))
@@ -105,7 +106,7 @@ def _pairs(adapters: PathLike | Sequence[AdapterArg]) -> list[tuple[str, float]]
                 f"invalid argument `adapters`: {item!r} is neither a path nor a (path, weight) pair"
             )
         path, weight = item
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
             raise ValueError(
                 f"invalid argument `adapters`: the weight of {os.fspath(path)!r} must be a "
                 f"number, got {weight!r}"

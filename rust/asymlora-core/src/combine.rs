@@ -335,6 +335,19 @@ fn check_output(out: &Path, inputs: &[Input], force: bool) -> Result<()> {
         path: out.to_path_buf(),
         message: m,
     };
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(Error::io(
+            out,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("the directory {} does not exist", parent.display()),
+            ),
+        ));
+    }
     let Ok(meta) = std::fs::metadata(out) else {
         return Ok(());
     };

@@ -725,6 +725,12 @@ fn bad_inputs_are_refused_with_one_line_and_nothing_written() {
     assert!(m.contains("weight must be a finite number"), "{m}");
     let m = refused(&[(&p("missing.safetensors"), 1.0)], &out);
     assert!(m.contains("does not exist"), "{m}");
+    let err = run(&[(&a, 1.0)], &p("no-such-dir").join("out.safetensors")).unwrap_err();
+    assert!(
+        matches!(&err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+        "{err}"
+    );
+    assert!(err.to_string().contains("the directory"), "{err}");
 
     // Same module name, other d_in.
     let mut config =
