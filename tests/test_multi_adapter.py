@@ -191,6 +191,11 @@ def test_adapters_from_one_seed_share_every_a_buffer(files, tmp_path):
     q = "model.layers.0.self_attn.q_proj"
     assert f"{q}.lora_A" not in names and f"{q}.lora_adapters.fr.lora_A" in names
     assert f"{q}.lora_adapters.de.lora_A" not in names
+    # registered once, so converted once: still one buffer after .to()
+    model.to(torch.bfloat16)
+    layer = model.model.layers[1].mlp.down_proj
+    assert layer.adapter("de").lora_A is layer.adapter("fr").lora_A
+    assert layer.adapter("fr").lora_A.dtype == torch.bfloat16
 
 
 def test_each_added_adapter_of_one_seed_costs_its_b_bytes_only(tmp_path):
@@ -494,3 +499,23 @@ def test_one_adapter_models_are_unchanged(tmp_path):
     assert "lora_adapters" not in dict(layer.named_children())
     assert {k.rpartition(".")[2] for k in model.state_dict() if "lora" in k} == {"lora_B"}
     assert layer.extra_repr() == "rank=4, scale=4, stream=0, train=B, merged=False"
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_mixed_batch_matches_cpu_rows(files, dtype):
+    model = multi_model(files).to("cuda", dtype)
+    x = ids(batch=len(NAMES))
+    expected = per_row_alone(files, NAMES, x)
+    with torch.no_grad(), asymlora.per_sample_adapters(model, NAMES):
+        mixed = model(x.cuda()).logits.float().cpu()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(mixed, expected, rtol=tol, atol=tol)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.adapter("fr").lora_A is q.adapter("de").lora_A  # still one buffer after .to()
