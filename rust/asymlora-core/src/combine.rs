@@ -24,15 +24,13 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype as StDtype;
 
-use crate::adapter::{
-    lora_a_name, lora_b_name, write_adapter, AdapterConfig, AdapterFile, FactorA, ModuleConfig, Scaling,
-};
+use crate::adapter::{lora_a_name, lora_b_name, write_adapter, AdapterConfig, ModuleConfig, Scaling};
 use crate::dtype::{is_float, Dtype, Matrix};
-use crate::error::{Error, Result};
-use crate::io::{OwnedTensor, SafetensorsFile, TensorInfo};
-use crate::merge::AdapterInput;
+use crate::error::{problem_list, Error, Result};
+use crate::io::{OwnedTensor, TensorInfo};
 use crate::orthogonal::Generator;
-use crate::peft::{self, is_integer, PeftAdapter};
+use crate::peft::is_integer;
+use crate::source::{decode, AOrigin, AdapterInput, Loaded, ModuleTerm, Source};
 
 /// How to combine.
 #[derive(Clone, Debug, Default)]
@@ -80,173 +78,8 @@ pub fn parse_b_dtype(name: &str) -> Result<StDtype> {
 
 // ------------------------------------------------------------------------- inputs
 
-enum Source {
-    V1(AdapterFile),
-    Peft(PeftAdapter),
-}
-
-struct Input {
-    label: String,
-    weight: f64,
-    source: Source,
-}
-
-/// Where a module's `A` comes from; two terms share `A` when these agree (and, for
-/// stored ones, the bytes too).
-#[derive(Clone, Debug, PartialEq)]
-enum AOrigin {
-    Seeded {
-        generator: String,
-        seed: u64,
-        a_dtype: Dtype,
-        /// bits of `a_gain`, so that equality is exact
-        a_gain: u64,
-        stream: u64,
-    },
-    Stored {
-        key: String,
-    },
-}
-
-/// One input's part of one module.
-#[derive(Clone, Debug)]
-struct Term {
-    input: usize,
-    rank: usize,
-    d_in: usize,
-    d_out: usize,
-    alpha: f64,
-    scale: f64,
-    stream: u64,
-    a: AOrigin,
-    b_key: String,
-}
-
-impl Input {
-    fn open(arg: &AdapterInput) -> Result<Input> {
-        if !arg.path.exists() {
-            return Err(Error::not_found(&arg.path));
-        }
-        let source = match peft::peft_dir(&arg.path) {
-            Some(dir) => Source::Peft(PeftAdapter::open(&dir)?),
-            None => Source::V1(AdapterFile::open(&arg.path)?),
-        };
-        Ok(Input {
-            label: arg.path.display().to_string(),
-            weight: arg.weight,
-            source,
-        })
-    }
-
-    fn file(&self) -> &SafetensorsFile {
-        match &self.source {
-            Source::V1(a) => a.safetensors(),
-            Source::Peft(p) => &p.file,
-        }
-    }
-
-    /// Whether the base stores the adapted weights transposed (PEFT's `fan_in_fan_out`).
-    fn transposed(&self) -> bool {
-        match &self.source {
-            Source::V1(a) => a
-                .config()
-                .base_model
-                .as_ref()
-                .and_then(|b| b.get("fan_in_fan_out"))
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
-            Source::Peft(p) => p.fan_in_fan_out,
-        }
-    }
-
-    fn terms(&self, input: usize) -> Vec<(String, Term)> {
-        match &self.source {
-            Source::V1(a) => {
-                let c = a.config();
-                c.modules
-                    .iter()
-                    .map(|(name, m)| {
-                        let origin = if m.a_stored {
-                            AOrigin::Stored { key: lora_a_name(name) }
-                        } else {
-                            AOrigin::Seeded {
-                                generator: c.generator.clone(),
-                                seed: c.seed,
-                                a_dtype: c.a_dtype,
-                                a_gain: c.a_gain.to_bits(),
-                                stream: m.stream,
-                            }
-                        };
-                        let term = Term {
-                            input,
-                            rank: c.module_rank(m),
-                            d_in: m.d_in,
-                            d_out: m.d_out,
-                            alpha: c.module_alpha(m),
-                            scale: c.module_scale(m),
-                            stream: m.stream,
-                            a: origin,
-                            b_key: lora_b_name(name),
-                        };
-                        (name.clone(), term)
-                    })
-                    .collect()
-            }
-            Source::Peft(p) => p
-                .modules
-                .iter()
-                .enumerate()
-                .map(|(stream, (name, m))| {
-                    let term = Term {
-                        input,
-                        rank: m.rank,
-                        d_in: m.d_in,
-                        d_out: m.d_out,
-                        alpha: m.alpha,
-                        scale: m.scale,
-                        stream: stream as u64,
-                        a: AOrigin::Stored { key: m.a_key.clone() },
-                        b_key: m.b_key.clone(),
-                    };
-                    (name.clone(), term)
-                })
-                .collect(),
-        }
-    }
-
-    /// Full tensors: (name in the output, key in the input file).
-    fn full(&self) -> Vec<(String, String)> {
-        match &self.source {
-            Source::V1(a) => a.config().full_tensors.iter().map(|n| (n.clone(), n.clone())).collect(),
-            Source::Peft(p) => p.full.iter().map(|(n, k)| (n.clone(), k.clone())).collect(),
-        }
-    }
-
-    fn warnings(&self) -> Vec<String> {
-        match &self.source {
-            Source::V1(_) => vec![],
-            Source::Peft(p) => p.warnings.clone(),
-        }
-    }
-
-    /// The module's `A`: stored bytes, or the matrix regenerated from the seed.
-    fn a_tensor(&self, module: &str, term: &Term) -> Result<(StDtype, Vec<u8>)> {
-        match (&term.a, &self.source) {
-            (AOrigin::Stored { key }, _) => {
-                let (info, bytes) = self.file().tensor(key)?;
-                Ok((info.dtype, bytes.to_vec()))
-            }
-            (AOrigin::Seeded { .. }, Source::V1(a)) => match a.lora_a(module)? {
-                FactorA::Generated(m) => Ok((m.dtype().to_safetensors(), m.to_le_bytes())),
-                FactorA::Stored { .. } => unreachable!("a seeded origin is only given to generated A"),
-            },
-            (AOrigin::Seeded { .. }, Source::Peft(_)) => unreachable!("PEFT adapters store every A"),
-        }
-    }
-}
-
 /// Whether two terms (of one module) have the very same `A`.
-fn same_a(inputs: &[Input], x: &Term, y: &Term) -> Result<bool> {
+fn same_a(inputs: &[Loaded], x: &ModuleTerm, y: &ModuleTerm) -> Result<bool> {
     if x.rank != y.rank || x.d_in != y.d_in {
         return Ok(false);
     }
@@ -262,28 +95,6 @@ fn same_a(inputs: &[Input], x: &Term, y: &Term) -> Result<bool> {
 }
 
 // ------------------------------------------------------------------------- numbers
-
-fn decode(dtype: StDtype, bytes: &[u8]) -> Vec<f64> {
-    match dtype {
-        StDtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("chunks of 8")))
-            .collect(),
-        StDtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect(),
-        StDtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
-            .collect(),
-        StDtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
-            .collect(),
-        other => unreachable!("factor dtype {other} checked on open"),
-    }
-}
 
 /// `values` rounded once (to nearest, ties to even) to `dtype`, as little-endian bytes.
 fn encode(dtype: StDtype, values: &[f64]) -> Vec<u8> {
@@ -315,22 +126,13 @@ fn unit_alpha(scaling: Scaling, rank: usize) -> f64 {
     }
 }
 
-fn one_line(problems: &[String]) -> String {
-    const SHOWN: usize = 10;
-    let mut text = problems.iter().take(SHOWN).cloned().collect::<Vec<_>>().join("; ");
-    if problems.len() > SHOWN {
-        text.push_str(&format!("; and {} more", problems.len() - SHOWN));
-    }
-    text
-}
-
 fn count_nonfinite(values: &[f64]) -> usize {
     values.iter().filter(|v| !v.is_finite()).count()
 }
 
 // ------------------------------------------------------------------------- output checks
 
-fn check_output(out: &Path, inputs: &[Input], force: bool) -> Result<()> {
+fn check_output(out: &Path, inputs: &[Loaded], force: bool) -> Result<()> {
     let exists = |m: String| Error::Exists {
         path: out.to_path_buf(),
         message: m,
@@ -397,11 +199,11 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
             ));
         }
     }
-    let inputs: Vec<Input> = adapters.iter().map(Input::open).collect::<Result<_>>()?;
+    let inputs: Vec<Loaded> = adapters.iter().map(Loaded::open).collect::<Result<_>>()?;
     check_output(out, &inputs, opts.force)?;
 
     let mut problems: Vec<String> = vec![];
-    let transposed: Vec<bool> = inputs.iter().map(Input::transposed).collect();
+    let transposed: Vec<bool> = inputs.iter().map(Loaded::transposed).collect();
     if let Some(i) = transposed.iter().position(|&t| t != transposed[0]) {
         problems.push(format!(
             "{} says fan_in_fan_out = {} but {} says {}: their modules cannot apply to the same base weights",
@@ -410,9 +212,10 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
     }
 
     // Every module with the terms of the inputs that hold it, in input order.
-    let mut modules: BTreeMap<String, Vec<Term>> = BTreeMap::new();
+    let mut modules: BTreeMap<String, Vec<ModuleTerm>> = BTreeMap::new();
     for (i, input) in inputs.iter().enumerate() {
-        for (name, term) in input.terms(i) {
+        for term in input.modules(i) {
+            let name = term.module.clone();
             let terms = modules.entry(name.clone()).or_default();
             if let Some(first) = terms.first() {
                 if (first.d_out, first.d_in) != (term.d_out, term.d_in) {
@@ -429,7 +232,7 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
 
     // Full tensors: copied from the one input that holds each, with weight 1.
     let mut full: BTreeMap<String, (usize, String)> = BTreeMap::new();
-    let mut warnings: Vec<String> = inputs.iter().flat_map(Input::warnings).collect();
+    let mut warnings: Vec<String> = inputs.iter().flat_map(Loaded::warnings).collect();
     for (i, input) in inputs.iter().enumerate() {
         for (name, key) in input.full() {
             let (info, _) = input.file().tensor(&key)?;
@@ -441,7 +244,7 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
                 ));
                 continue;
             }
-            if input.weight != 1.0 {
+            if input.input.weight != 1.0 {
                 problems.push(format!(
                     "{}: holds the full tensor {name} (trained in full, PEFT's modules_to_save), which cannot be \
                      weighted: give this adapter weight 1",
@@ -465,7 +268,7 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
             message: format!(
                 "{} problem(s) combining the adapters; nothing was written: {}",
                 problems.len(),
-                one_line(&problems)
+                problem_list(&problems)
             ),
         });
     }
@@ -577,7 +380,7 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
                         input.label, term.b_key
                     ));
                 }
-                let coef = input.weight * term.scale / s_out;
+                let coef = input.input.weight * term.scale / s_out;
                 for i in 0..d_out {
                     let row = &mut b[i * out_rank + offset..i * out_rank + offset + r];
                     for (x, v) in row.iter_mut().zip(&values[i * r..(i + 1) * r]) {
@@ -608,7 +411,7 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
             // A = vstack of the groups' A, in one dtype.
             let parts: Vec<(StDtype, Vec<u8>)> = groups
                 .iter()
-                .map(|g| inputs[terms[g[0]].input].a_tensor(name, &terms[g[0]]))
+                .map(|g| inputs[terms[g[0]].input].a_bytes(&terms[g[0]]))
                 .collect::<Result<_>>()?;
             for ((_, bytes), g) in parts.iter().zip(&groups) {
                 let term = &terms[g[0]];
@@ -646,7 +449,7 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
         } else {
             report.concatenated += 1;
         }
-        config.modules.insert(name.clone(), module);
+        config.modules.insert(name.to_string(), module);
     }
     for (name, (i, key)) in &full {
         let (info, bytes) = inputs[*i].file().tensor(key)?;
@@ -665,7 +468,7 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
             message: format!(
                 "{} problem(s) combining the adapters; nothing was written: {}",
                 nonfinite.len(),
-                one_line(&nonfinite)
+                problem_list(&nonfinite)
             ),
         });
     }

@@ -55,15 +55,12 @@ pub enum Error {
 /// At most this many problems are listed in one error message.
 pub(crate) const SHOWN_PROBLEMS: usize = 10;
 
-/// The first [`SHOWN_PROBLEMS`] problems, one per indented line, and how many more there are.
+/// The first [`SHOWN_PROBLEMS`] problems on one line (errors are one line: a log line,
+/// a CLI line), each after a space and separated by `;`, and how many more there are.
 pub(crate) fn problem_list(problems: &[String]) -> String {
-    let mut text: String = problems
-        .iter()
-        .take(SHOWN_PROBLEMS)
-        .map(|p| format!("\n  - {p}"))
-        .collect();
+    let mut text = format!(" {}", problems[..problems.len().min(SHOWN_PROBLEMS)].join("; "));
     if problems.len() > SHOWN_PROBLEMS {
-        text.push_str(&format!("\n  ... and {} more", problems.len() - SHOWN_PROBLEMS));
+        text.push_str(&format!("; and {} more", problems.len() - SHOWN_PROBLEMS));
     }
     text
 }

@@ -20,6 +20,7 @@ pub mod merge;
 pub mod orthogonal;
 pub mod peft;
 pub mod prng;
+mod source;
 
 pub use dtype::{Dtype, Matrix};
 pub use error::{Error, Result};

@@ -14,7 +14,7 @@
 //! merged tensors are computed and written in bands of rows (a few MiB each).
 
 mod checkpoint;
-mod engine;
+pub(crate) mod engine;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -22,59 +22,14 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype as StDtype;
 
-use crate::adapter::{lora_a_name, lora_b_name, AdapterFile, FactorA};
 use crate::dtype::Dtype;
 use crate::error::{problem_list, Error, Result};
-use crate::io::{SafetensorsFile, TensorInfo};
-use crate::peft::{self, PeftAdapter};
+use crate::io::TensorInfo;
+pub use crate::source::AdapterInput;
+use crate::source::{Loaded, ModuleTerm};
 use checkpoint::Checkpoint;
 pub use checkpoint::{INDEX_NAME, WEIGHTS_NAME};
-use engine::{count_nonfinite, decode_f64, Float};
-
-/// One adapter to merge and its weight `w_i`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AdapterInput {
-    pub path: PathBuf,
-    pub weight: f64,
-}
-
-impl AdapterInput {
-    pub fn new(path: impl Into<PathBuf>, weight: f64) -> Self {
-        AdapterInput {
-            path: path.into(),
-            weight,
-        }
-    }
-
-    /// Parses `PATH` or `PATH:WEIGHT` (weight 1 when absent). A path that exists as
-    /// given is taken whole, colons included.
-    pub fn parse(arg: &str) -> Result<AdapterInput> {
-        if Path::new(arg).exists() {
-            return Ok(AdapterInput::new(arg, 1.0));
-        }
-        if let Some((path, weight)) = arg.rsplit_once(':') {
-            match weight.trim().parse::<f64>() {
-                Ok(w) if w.is_finite() => return Ok(AdapterInput::new(path, w)),
-                Ok(w) => {
-                    return Err(Error::invalid(
-                        "adapters",
-                        format!("{arg:?}: the weight must be a finite number, got {w}"),
-                    ))
-                }
-                Err(_) if Path::new(path).exists() => {
-                    return Err(Error::invalid(
-                        "adapters",
-                        format!(
-                            "{arg:?}: {weight:?} is not a number; write ADAPTER or ADAPTER:WEIGHT, e.g. {path}:0.5"
-                        ),
-                    ))
-                }
-                Err(_) => {}
-            }
-        }
-        Ok(AdapterInput::new(arg, 1.0))
-    }
-}
+use engine::{count_nonfinite, Float};
 
 /// Parses `OLD=NEW` for [`MergeOptions::prefix_map`] (either side may be empty).
 pub fn parse_prefix_map(arg: &str) -> Result<(String, String)> {
@@ -182,145 +137,13 @@ pub struct MergeReport {
     pub warnings: Vec<String>,
 }
 
-// ------------------------------------------------------------------------- adapters
-
-enum Source {
-    V1(AdapterFile),
-    Peft(PeftAdapter),
-}
-
-/// An adapter as the plan sees it.
-struct Loaded {
-    input: AdapterInput,
-    label: String,
-    source: Source,
-}
-
-/// One adapted module of a loaded adapter.
-#[derive(Clone, Debug)]
-struct ModuleRef {
-    module: String,
-    rank: usize,
-    d_in: usize,
-    d_out: usize,
-    scale: f64,
-    transposed: bool,
-    /// Key of a stored `A`, or `None` for one regenerated from the seed.
-    a_key: Option<String>,
-    b_key: String,
-}
-
-impl Loaded {
-    fn open(input: &AdapterInput) -> Result<Loaded> {
-        let label = input.path.display().to_string();
-        if !input.path.exists() {
-            return Err(Error::not_found(&input.path));
-        }
-        let source = match peft::peft_dir(&input.path) {
-            Some(dir) => Source::Peft(PeftAdapter::open(&dir)?),
-            None => Source::V1(AdapterFile::open(&input.path)?),
-        };
-        Ok(Loaded {
-            input: input.clone(),
-            label,
-            source,
-        })
-    }
-
-    fn file(&self) -> &SafetensorsFile {
-        match &self.source {
-            Source::V1(a) => a.safetensors(),
-            Source::Peft(p) => &p.file,
-        }
-    }
-
-    fn modules(&self) -> Vec<ModuleRef> {
-        match &self.source {
-            Source::V1(a) => {
-                let c = a.config();
-                let transposed = c
-                    .base_model
-                    .as_ref()
-                    .and_then(|b| b.get("fan_in_fan_out"))
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(false);
-                c.modules
-                    .iter()
-                    .map(|(name, m)| ModuleRef {
-                        module: name.clone(),
-                        rank: c.module_rank(m),
-                        d_in: m.d_in,
-                        d_out: m.d_out,
-                        scale: c.module_scale(m),
-                        transposed,
-                        a_key: m.a_stored.then(|| lora_a_name(name)),
-                        b_key: lora_b_name(name),
-                    })
-                    .collect()
-            }
-            Source::Peft(p) => p
-                .modules
-                .iter()
-                .map(|(name, m)| ModuleRef {
-                    module: name.clone(),
-                    rank: m.rank,
-                    d_in: m.d_in,
-                    d_out: m.d_out,
-                    scale: m.scale,
-                    transposed: p.fan_in_fan_out,
-                    a_key: Some(m.a_key.clone()),
-                    b_key: m.b_key.clone(),
-                })
-                .collect(),
-        }
-    }
-
-    /// Full tensors: (name in the base model, key in the adapter file).
-    fn full(&self) -> Vec<(String, String)> {
-        match &self.source {
-            Source::V1(a) => a.config().full_tensors.iter().map(|n| (n.clone(), n.clone())).collect(),
-            Source::Peft(p) => p.full.iter().map(|(n, k)| (n.clone(), k.clone())).collect(),
-        }
-    }
-
-    fn warnings(&self) -> Vec<String> {
-        match &self.source {
-            Source::V1(_) => vec![],
-            Source::Peft(p) => p.warnings.clone(),
-        }
-    }
-
-    /// Exact values of a stored tensor (float dtypes only).
-    fn values(&self, key: &str) -> Result<Vec<f64>> {
-        let (info, bytes) = self.file().tensor(key)?;
-        let kind = Float::from_st(info.dtype).expect("factor dtypes checked on open");
-        let values = decode_f64(kind, bytes);
-        if let Some(range) = self.file().range(key) {
-            self.file().release(range);
-        }
-        Ok(values)
-    }
-
-    /// `A` (r x d_in) of `m`: stored, or regenerated from the seed (on the current pool).
-    fn a_values(&self, m: &ModuleRef) -> Result<Vec<f64>> {
-        match (&m.a_key, &self.source) {
-            (Some(key), _) => self.values(key),
-            (None, Source::V1(a)) => match a.lora_a(&m.module)? {
-                FactorA::Generated(matrix) => Ok(matrix.to_f64()),
-                FactorA::Stored { .. } => unreachable!("a_key is None only for generated A"),
-            },
-            (None, Source::Peft(_)) => unreachable!("PEFT adapters store every A"),
-        }
-    }
-}
-
 // ------------------------------------------------------------------------- plan
 
 /// One adapter's update of a weight in the plan.
 #[derive(Clone, Debug)]
 struct TermRef {
     adapter: usize,
-    module: ModuleRef,
+    module: ModuleTerm,
     /// weight x scale (x -1 to unmerge)
     coef: f64,
 }
@@ -390,7 +213,7 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
     for (i, ad) in adapters.iter().enumerate() {
         warnings.extend(ad.warnings());
         let label = &ad.label;
-        for m in ad.modules() {
+        for m in ad.modules(i) {
             let target = format!("{}.weight", map_name(&m.module, &opts.prefix_map));
             let Some((_, info)) = ck.tensors.get(&target) else {
                 problems.push(format!(
@@ -433,7 +256,7 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
                 ));
                 continue;
             }
-            for key in std::iter::once(&m.b_key).chain(m.a_key.as_ref()) {
+            for key in std::iter::once(&m.b_key).chain(m.a_key()) {
                 if !opts.allow_nonfinite {
                     let (ti, bytes) = ad.file().tensor(key)?;
                     let bad = count_nonfinite(Float::from_st(ti.dtype).expect("checked on open"), bytes);
@@ -530,7 +353,7 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
             problem_list(&problems)
         );
         if let Some(hint) = missing.first().and_then(|m| prefix_hint(m, &ck.tensors)) {
-            message.push_str(&format!("\nhint: names differ by a prefix; try {hint}"));
+            message.push_str(&format!(" (hint: names differ by a prefix; try {hint})"));
         }
         return Err(Error::Mismatch { message });
     }
