@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use safetensors::Dtype as StDtype;
 
 use crate::adapter::{lora_a_name, lora_b_name, write_adapter, AdapterConfig, ModuleConfig, Scaling};
-use crate::dtype::{is_float, Dtype, Matrix};
+use crate::dtype::{encode_float, is_float, Dtype};
 use crate::error::{problem_list, Error, Result};
 use crate::io::{OwnedTensor, TensorInfo};
 use crate::orthogonal::Generator;
@@ -96,17 +96,6 @@ fn same_a(inputs: &[Loaded], x: &ModuleTerm, y: &ModuleTerm) -> Result<bool> {
 
 // ------------------------------------------------------------------------- numbers
 
-/// `values` rounded once (to nearest, ties to even) to `dtype`, as little-endian bytes.
-fn encode(dtype: StDtype, values: &[f64]) -> Vec<u8> {
-    match dtype {
-        StDtype::F64 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        StDtype::F32 => Matrix::round_from_f64(values, Dtype::F32).to_le_bytes(),
-        StDtype::F16 => Matrix::round_from_f64(values, Dtype::F16).to_le_bytes(),
-        StDtype::BF16 => Matrix::round_from_f64(values, Dtype::BF16).to_le_bytes(),
-        other => unreachable!("output dtype {other} checked"),
-    }
-}
-
 /// The dtype several factors are stored in together: theirs when they agree, else
 /// F64 if one is F64, else F32 (which holds F16 and BF16 values exactly).
 fn common_dtype(dtypes: impl IntoIterator<Item = StDtype>) -> StDtype {
@@ -176,21 +165,7 @@ fn check_output(out: &Path, inputs: &[Loaded], force: bool) -> Result<()> {
 /// Combines `adapters` (each with its weight) into one adapter file `out` whose update
 /// is the weighted sum of theirs; see the module docs.
 pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> Result<CombineReport> {
-    if adapters.is_empty() {
-        return Err(Error::invalid("adapters", "give at least one adapter"));
-    }
-    for a in adapters {
-        if !a.weight.is_finite() {
-            return Err(Error::invalid(
-                "weights",
-                format!(
-                    "{}: the weight must be a finite number, got {}",
-                    a.path.display(),
-                    a.weight
-                ),
-            ));
-        }
-    }
+    AdapterInput::check_all(adapters)?;
     if let Some(d) = opts.b_dtype {
         if !is_float(d) {
             return Err(Error::invalid(
@@ -391,7 +366,7 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
             offset += r;
         }
         let b_dtype = opts.b_dtype.unwrap_or_else(|| common_dtype(b_dtypes));
-        let b_bytes = encode(b_dtype, &b);
+        let b_bytes = encode_float(b_dtype, &b).expect("B dtypes are float");
         let rounded = decode(b_dtype, &b_bytes);
         if nonfinite.is_empty() && count_nonfinite(&rounded) > 0 {
             nonfinite.push(format!(
@@ -433,7 +408,8 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
                     if *d == a_dtype {
                         bytes.clone()
                     } else {
-                        encode(a_dtype, &decode(*d, bytes)) // exact: a_dtype is wider
+                        encode_float(a_dtype, &decode(*d, bytes)).expect("A dtypes are float")
+                        // exact: a_dtype is wider
                     }
                 })
                 .collect();

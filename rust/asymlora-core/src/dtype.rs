@@ -104,6 +104,45 @@ pub fn st_dtype_from_code(code: &str) -> Option<safetensors::Dtype> {
     serde_json::from_value(serde_json::Value::String(code.to_string())).ok()
 }
 
+/// Values of a little-endian tensor of a float `dtype` ([`FLOAT_DTYPES`]), widened
+/// exactly to f64; `None` for any other dtype.
+pub fn decode_float(dtype: safetensors::Dtype, bytes: &[u8]) -> Option<Vec<f64>> {
+    use safetensors::Dtype as St;
+    Some(match dtype {
+        St::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
+            .collect(),
+        St::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16) as f64)
+            .collect(),
+        St::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        St::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("chunks of 8")))
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// `values` rounded once (to nearest, ties to even) to a float `dtype`, as
+/// little-endian bytes; `None` for any other dtype.
+pub fn encode_float(dtype: safetensors::Dtype, values: &[f64]) -> Option<Vec<u8>> {
+    use safetensors::Dtype as St;
+    let rounded = match dtype {
+        St::F64 => return Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        St::F32 => Matrix::round_from_f64(values, Dtype::F32),
+        St::F16 => Matrix::round_from_f64(values, Dtype::F16),
+        St::BF16 => Matrix::round_from_f64(values, Dtype::BF16),
+        _ => return None,
+    };
+    Some(rounded.to_le_bytes())
+}
+
 /// `x` rounded to `f32` toward zero, with the last bit forced to 1 when inexact.
 pub fn f32_round_to_odd(x: f64) -> f32 {
     let nearest = x as f32;

@@ -8,10 +8,9 @@ use std::path::{Path, PathBuf};
 use safetensors::Dtype as StDtype;
 
 use crate::adapter::{lora_a_name, lora_b_name, AdapterFile, FactorA};
-use crate::dtype::{Dtype, Matrix};
+use crate::dtype::{decode_float, Dtype, Matrix};
 use crate::error::{Error, Result};
 use crate::io::SafetensorsFile;
-use crate::merge::engine::{decode_f64, Float};
 use crate::peft::{self, PeftAdapter};
 
 /// One adapter to apply (merge, unmerge, combine) and its weight `w_i`.
@@ -26,6 +25,24 @@ impl AdapterInput {
         AdapterInput {
             path: path.into(),
             weight,
+        }
+    }
+
+    /// Checks a list of inputs: at least one, every weight finite.
+    pub fn check_all(adapters: &[AdapterInput]) -> Result<()> {
+        if adapters.is_empty() {
+            return Err(Error::invalid("adapters", "give at least one adapter"));
+        }
+        match adapters.iter().find(|a| !a.weight.is_finite()) {
+            Some(a) => Err(Error::invalid(
+                "weights",
+                format!(
+                    "{}: the weight must be a finite number, got {}",
+                    a.path.display(),
+                    a.weight
+                ),
+            )),
+            None => Ok(()),
         }
     }
 
@@ -121,7 +138,7 @@ impl ModuleTerm {
 /// Values of a little-endian float tensor (a dtype checked when the file was opened),
 /// widened exactly to f64.
 pub(crate) fn decode(dtype: StDtype, bytes: &[u8]) -> Vec<f64> {
-    decode_f64(Float::from_st(dtype).expect("float dtypes checked on open"), bytes)
+    decode_float(dtype, bytes).expect("float dtypes checked on open")
 }
 
 impl Loaded {

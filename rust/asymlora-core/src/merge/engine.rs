@@ -93,24 +93,7 @@ pub enum Precision {
 
 /// Values of a little-endian float tensor, widened exactly to f64.
 pub fn decode_f64(kind: Float, bytes: &[u8]) -> Vec<f64> {
-    match kind {
-        Float::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
-            .collect(),
-        Float::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16) as f64)
-            .collect(),
-        Float::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-            .collect(),
-        Float::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("chunks of 8")))
-            .collect(),
-    }
+    crate::dtype::decode_float(kind.to_st(), bytes).expect("a float dtype")
 }
 
 /// How many values of a little-endian float tensor are NaN or infinite.

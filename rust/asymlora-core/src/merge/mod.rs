@@ -14,7 +14,7 @@
 //! merged tensors are computed and written in bands of rows (a few MiB each).
 
 mod checkpoint;
-pub(crate) mod engine;
+mod engine;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -469,21 +469,7 @@ pub fn merge(
     opts: &MergeOptions,
     observer: &mut dyn Observer,
 ) -> Result<MergeReport> {
-    if adapters.is_empty() {
-        return Err(Error::invalid("adapters", "give at least one adapter"));
-    }
-    for a in adapters {
-        if !a.weight.is_finite() {
-            return Err(Error::invalid(
-                "weights",
-                format!(
-                    "{}: the weight must be a finite number, got {}",
-                    a.path.display(),
-                    a.weight
-                ),
-            ));
-        }
-    }
+    AdapterInput::check_all(adapters)?;
     if opts.threads == Some(0) {
         return Err(Error::invalid(
             "threads",

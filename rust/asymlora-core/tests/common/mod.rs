@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use asymlora_core::adapter::OwnedTensor;
+use asymlora_core::dtype::{decode_float, encode_float};
 use asymlora_core::io::write_safetensors;
-use asymlora_core::{Dtype, Matrix};
 use safetensors::Dtype as St;
 
 pub struct Rng(pub u64);
@@ -27,35 +27,11 @@ impl Rng {
 
 /// Values rounded once to `dtype` and their little-endian bytes.
 pub fn encode(dtype: St, values: &[f64]) -> Vec<u8> {
-    match dtype {
-        St::F64 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        St::F32 => Matrix::round_from_f64(values, Dtype::F32).to_le_bytes(),
-        St::F16 => Matrix::round_from_f64(values, Dtype::F16).to_le_bytes(),
-        St::BF16 => Matrix::round_from_f64(values, Dtype::BF16).to_le_bytes(),
-        other => panic!("no float {other:?}"),
-    }
+    encode_float(dtype, values).expect("a float dtype")
 }
 
 pub fn decode(dtype: St, bytes: &[u8]) -> Vec<f64> {
-    match dtype {
-        St::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        St::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        St::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
-            .collect(),
-        St::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
-            .collect(),
-        other => panic!("no float {other:?}"),
-    }
+    decode_float(dtype, bytes).expect("a float dtype")
 }
 
 /// `x` rounded once to `dtype` (the crate's rounding is checked against exact
