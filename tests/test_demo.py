@@ -18,10 +18,12 @@ from asymlora import demo
 from asymlora.demo.data import (
     INSTALL_COMMAND,
     LABELS,
+    PLOT_LABELS,
     REQUIREMENTS,
     DemoDataError,
     Review,
     deduplicate,
+    load_plot_task,
     load_reviews,
     rotten_tomatoes_path,
     split_by_movie,
@@ -199,6 +201,64 @@ def test_split_by_movie_is_disjoint_balanced_and_deduplicated(reviews):
 
 
 @needs_data
+def test_plot_task_is_synopses_against_critic_snippets():
+    texts = load_plot_task()
+    counts = Counter(r.label for r in texts)
+    # every fresh and rotten snippet is a review; 1,083 of the 1,097 synopses have a text
+    assert counts == {PLOT_LABELS.index("review"): 7403 + 5405, PLOT_LABELS.index("plot"): 1083}
+    plots = Counter(r.movie for r in texts if r.label == 1)
+    assert set(plots.values()) == {1}  # one synopsis per movie
+
+
+@needs_data
+def test_plot_task_split_is_disjoint_balanced_and_deduplicated():
+    split = split_by_movie(load_plot_task(), seed=0, labels=PLOT_LABELS)
+    train_movies = {r.movie for r in split.train}
+    test_movies = {r.movie for r in split.test}
+    assert not train_movies & test_movies  # a movie's synopsis and reviews on one side
+    for part in (split.train, split.test):
+        counts = Counter(r.label for r in part)
+        assert counts[0] == counts[1] > 0
+    texts = [r.text for r in split.train + split.test]
+    assert len(texts) == len(set(texts))
+    # the sizes docs/demo.md gives
+    assert (len(split.train), len(split.test)) == (1702, 464)
+    assert (len(train_movies), len(test_movies)) == (1071, 282)
+    assert "both 50/50 plot/review" in split.describe("texts")
+    assert split == split_by_movie(load_plot_task(), seed=0, labels=PLOT_LABELS)
+
+
+def test_row_heads_give_each_row_its_head():
+    torch = pytest.importorskip("torch")
+    from asymlora.demo.multi import per_row_heads
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Linear(4, 3)
+            self.classifier = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.classifier(self.body(x))
+
+    torch.manual_seed(0)
+    model = Classifier()
+    heads = {"a": torch.nn.Linear(3, 2), "b": torch.nn.Linear(3, 2)}
+    x = torch.randn(5, 4)
+    names = ["a", None, "b", "a", None]
+    with torch.no_grad():
+        with per_row_heads(model, heads, names):
+            mixed = model(x)
+        hidden = model.body(x)
+        alone = {None: model.classifier(hidden), **{k: h(hidden) for k, h in heads.items()}}
+        assert torch.equal(model(x), alone[None])  # the hook is gone after the block
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], alone[name][i], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="5 names"), per_row_heads(model, heads, names):
+        model(x[:3])
+
+
+@needs_data
 def test_split_is_repeatable_and_seeded(reviews):
     first = split_by_movie(reviews, seed=0)
     assert first == split_by_movie(reviews, seed=0)
@@ -291,6 +351,55 @@ def test_quick_demo_counts_parameters_and_bytes(quick_run):
     assert methods["head-only"]["trainable_parameters"] == head
     ratio = methods["asymlora-B"]["adapter_bytes"] / methods["peft-lora"]["adapter_bytes"]
     assert 0.45 < ratio < 0.55
+
+
+@pytest.mark.slow
+@needs_data
+def test_quick_demo_runs_two_adapters_of_one_seed_in_mixed_batches(quick_run):
+    import asymlora
+
+    proc, out = quick_run
+    report = json.loads((out / "demo.json").read_text())
+    plot = report["plot_task"]
+    assert plot["data"]["train"] == 1702 and plot["data"]["test"] == 464
+    assert plot["run"]["seed"] == report["runs"][0]["seed"]  # the same seed: the same A
+    assert Path(plot["run"]["adapter_path"]).name == "plot.safetensors"
+    assert len(plot["run"]["losses"]) == plot["steps"]
+    multi = report["multi_adapter"]
+    assert multi["ok"] is True
+    assert multi["adapters"] == ["sentiment", "plot"]
+    rows = multi["rows"]
+    assert rows["sentiment"] == rows["plot"] == rows["base"] > 0
+    assert multi["predictions_total"] == sum(rows.values()) == multi["predictions_equal"]
+    assert multi["mixed_batches"] == multi["batches"] >= 2
+    assert multi["max_logit_difference"] <= multi["tolerance"] == 1e-4
+    # the check can tell: a wrong route would be off by far more than the tolerance
+    assert multi["smallest_adapter_effect"] > 10 * multi["tolerance"]
+    assert set(multi["accuracy"]) == {"sentiment", "plot"}
+    # memory: each adapter's B, their one shared A; PEFT holds an A and a B per adapter
+    d_out = 4 * 384 + 1536 + 384
+    d_in = 5 * 384 + 1536
+    a_bytes, b_bytes = 4 * 6 * RANK * d_in, 4 * 6 * RANK * d_out
+    assert multi["layers"] == multi["shared_a_layers"] == 6 * len(TARGETS)
+    assert multi["b_bytes"] == {"sentiment": b_bytes, "plot": b_bytes}
+    assert multi["a_bytes"] == a_bytes
+    assert multi["asymlora_bytes"] == 2 * b_bytes + a_bytes
+    assert multi["peft_bytes"] == multi["peft_bytes_from_shapes"] == 2 * (a_bytes + b_bytes)
+    assert multi["head_bytes"] == {"sentiment": 4 * (2 * 384 + 2), "plot": 4 * (2 * 384 + 2)}
+    # the files loaded by name: seed plus B, no head; the same seed, so the same A
+    files = [
+        asymlora.read_adapter(out / "multi" / f"{t}.safetensors") for t in ("sentiment", "plot")
+    ]
+    assert all(f.config.full_tensors == () for f in files)
+    assert files[0].config.seed == files[1].config.seed
+    assert all("lora_A" not in name for f in files for name in f.tensors)
+    sizes = multi["files"]
+    assert (
+        sizes["sentiment.safetensors"] == (out / "multi" / "sentiment.safetensors").stat().st_size
+    )
+    assert sizes["sentiment.safetensors"] < 0.55 * sizes["peft-sentiment/adapter_model.safetensors"]
+    assert "many adapters on one model" in proc.stdout
+    assert "predictions equal" in proc.stdout.split("many adapters on one model")[1]
 
 
 @pytest.mark.slow

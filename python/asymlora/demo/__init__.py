@@ -6,7 +6,10 @@ split by movie. Five methods train with the same rank, targets, steps and data o
 asymlora train="B" (the paper's recipe), "AB" (classic LoRA), "A", PEFT LoRA, and the
 classifier head alone. Then the B-only adapter is shipped as a user would: saved as
 seed-plus-B, merged offline by ``asymlora merge``, reloaded by plain transformers, and
-its predictions compared with the adapter model's.
+its predictions compared with the adapter model's. A second B-only adapter, with the
+same seed, learns plot synopsis vs critic review from the same file; both are loaded by
+name into one model, which runs mixed batches (sentiment rows, plot rows, base-model
+rows) and matches every row with its single-adapter model.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from asymlora.demo.data import (
+    PLOT_LABELS,
     DemoDataError,
     Split,
     check_requirements,
+    load_plot_task,
     load_reviews,
     split_by_movie,
     subsample,
@@ -41,13 +46,35 @@ class Preset:
     seeds: tuple[int, ...]
     train_size: int | None  # None: every training review
     test_size: int | None
+    #: training steps of task 2's adapter (plot synopsis vs critic review)
+    plot_steps: int
+    #: rows of each task (and as many base-model rows) in the mixed batches
+    multi_rows: int
 
 
 PRESETS = {
-    "quick": Preset(steps=6, batch_size=8, seeds=(0,), train_size=96, test_size=64),
+    "quick": Preset(
+        steps=6, batch_size=8, seeds=(0,), train_size=96, test_size=64, plot_steps=6, multi_rows=32
+    ),
     # sized to finish within 10 minutes on 2 CPU cores, with 1,000 of the test reviews
-    "default": Preset(steps=200, batch_size=32, seeds=(0,), train_size=None, test_size=1000),
-    "full": Preset(steps=400, batch_size=32, seeds=(0, 1, 2), train_size=None, test_size=None),
+    "default": Preset(
+        steps=200,
+        batch_size=32,
+        seeds=(0,),
+        train_size=None,
+        test_size=1000,
+        plot_steps=100,
+        multi_rows=128,
+    ),
+    "full": Preset(
+        steps=400,
+        batch_size=32,
+        seeds=(0, 1, 2),
+        train_size=None,
+        test_size=None,
+        plot_steps=100,
+        multi_rows=256,
+    ),
 }
 
 
@@ -80,6 +107,17 @@ def _run(args: argparse.Namespace) -> int:
     test = subsample(split.test, preset.test_size, seed=0)
     # flushed as it goes: the runs' progress lines go to stderr, maybe into the same log
     print(f"data: {split.describe()}" + _sizes_note(preset, train, test), flush=True)
+    # task 2 (the second adapter on the same model) needs the B-only adapter of task 1
+    many = "asymlora-B" in methods
+    plot_split = split_by_movie(load_plot_task(), seed=0, labels=PLOT_LABELS)
+    plot_train = subsample(plot_split.train, preset.train_size, seed=0)
+    plot_test = subsample(plot_split.test, preset.test_size, seed=0)
+    if many:
+        print(
+            f"task 2 (plot synopsis vs critic review): {plot_split.describe('texts')}"
+            + _sizes_note(preset, plot_train, plot_test),
+            flush=True,
+        )
     print(
         f"model: all-MiniLM-L6-v2, r={RANK}, alpha={ALPHA} on {', '.join(TARGETS)}; "
         f"{preset.steps} steps x batch {preset.batch_size}; {device}, {threads} threads",
@@ -103,16 +141,42 @@ def _run(args: argparse.Namespace) -> int:
         sweep = _sweep(base_job, split, preset, methods)
         rates |= {name: row["chosen"] for name, row in sweep.items()}
     runs = _train_all(base_job, methods, rates, preset.seeds)
+    plot_job = replace(
+        base_job,
+        method="asymlora-B",
+        learning_rate=rates.get("asymlora-B", 0.0),
+        seed=preset.seeds[0],  # the seed of the shipped task-1 adapter: the same A
+        steps=preset.plot_steps,
+        train=plot_train,
+        test=plot_test,
+        adapter_name="plot",
+    )
+    plot_run = _train_plot(plot_job) if many else None
     summaries = report.summarise(runs)
     print()
     print(report.table(summaries))
-    shipped = _ship(runs, out, test, threads) if "asymlora-B" in methods else None
+    shipped = _ship(runs, out, test, threads) if many else None
+    multi = None
+    if plot_run is not None:
+        multi = _many_adapters(runs, plot_run, out, test, plot_test, preset, device, threads)
     report.plot(summaries, runs, out / "demo.png")
+    tasks = {"split": plot_split, "job": plot_job, "run": plot_run, "multi": multi}
     _write_json(
-        out / "demo.json", args, preset, split, device, threads, summaries, runs, shipped, sweep
+        out / "demo.json",
+        args,
+        preset,
+        split,
+        device,
+        threads,
+        summaries,
+        runs,
+        shipped,
+        sweep,
+        tasks if many else None,
     )
     print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}")
-    return 0 if shipped is None or shipped.ok else 1
+    ok = (shipped is None or shipped.ok) and (multi is None or multi.ok)
+    return 0 if ok else 1
 
 
 def _train_all(base_job, methods: list[str], rates: dict[str, float], seeds) -> list:
@@ -138,6 +202,44 @@ def _train_all(base_job, methods: list[str], rates: dict[str, float], seeds) -> 
             )
             runs.append(result)
     return runs
+
+
+def _train_plot(job):
+    """Task 2's B-only adapter, saved as adapters/plot.safetensors."""
+    from asymlora.demo.train import run_in_subprocess
+
+    result = run_in_subprocess(job)
+    print(
+        f"  {job.label} seed {job.seed}: accuracy {result.accuracy:.4f} on plot synopsis "
+        f"vs critic review, {job.steps} steps, {1000 * result.median_step_s:.0f} ms/step",
+        flush=True,
+    )
+    return result
+
+
+def _many_adapters(runs: list, plot_run, out: Path, test, plot_test, preset, device, threads):
+    from asymlora.demo import report
+    from asymlora.demo.multi import MultiJob, run
+    from asymlora.demo.train import call_in_subprocess
+
+    sentiment = next(r for r in runs if r.method == "asymlora-B" and r.adapter_path)
+    print(
+        "\nmany adapters on one model: sentiment (asymlora-B above) and plot (task 2), "
+        f"both seed {plot_run.seed}, loaded by name from their seed-plus-B files",
+        flush=True,
+    )
+    job = MultiJob(
+        adapters={"sentiment": Path(sentiment.adapter_path), "plot": Path(plot_run.adapter_path)},
+        tests={"sentiment": test, "plot": plot_test},
+        rows_per_task=preset.multi_rows,
+        seed=plot_run.seed,
+        out=out,
+        device=device,
+        threads=threads,
+    )
+    result = call_in_subprocess(run, job)
+    print(report.multi_lines(result))
+    return result
 
 
 def _sweep(base_job, split: Split, preset: Preset, methods: list[str]) -> dict:
@@ -202,6 +304,7 @@ def _write_json(
     runs,
     shipped,
     sweep,
+    tasks,
 ) -> None:
     import torch
     import transformers
@@ -231,7 +334,28 @@ def _write_json(
         "runs": [run_record(r) for r in runs],
         "ship": None if shipped is None else asdict(shipped) | {"ok": shipped.ok},
         "sweep": sweep,
+        "plot_task": None,
+        "multi_adapter": None,
     }
+    if tasks is not None:
+        plot_split, plot_job, plot_run = tasks["split"], tasks["job"], tasks["run"]
+        document["plot_task"] = {
+            "labels": list(plot_split.labels),
+            "data": {
+                "train": len(plot_split.train),
+                "test": len(plot_split.test),
+                "train_movies": len({r.movie for r in plot_split.train}),
+                "test_movies": len({r.movie for r in plot_split.test}),
+                "used_train": len(plot_job.train),
+                "used_test": len(plot_job.test),
+                "dropped_duplicates": plot_split.dropped_duplicates,
+                "dropped_conflicts": plot_split.dropped_conflicts,
+            },
+            "steps": plot_job.steps,
+            "run": None if plot_run is None else run_record(plot_run),
+        }
+        multi = tasks["multi"]
+        document["multi_adapter"] = None if multi is None else asdict(multi) | {"ok": multi.ok}
     path.write_text(json.dumps(document, indent=2))
 
 

