@@ -126,10 +126,9 @@ class LoraLayer(nn.Module):
     ) -> None:
         """Adds adapter ``name`` (not made active). With an ``a_identity`` equal to that
         of an adapter already here, ``lora_A`` is not kept: the two share that ``A``."""
+        check_adapter_name(name)
         if name in self._branches:
             raise ValueError(f"this layer already holds an adapter named {name!r}")
-        if name != DEFAULT_ADAPTER and ADAPTERS_MODULE not in self._modules:
-            self.lora_adapters = nn.ModuleDict()
         holder = self._new_holder(name)
         shared = None
         if a_identity is not None and a_regenerated and not train_A:
@@ -200,7 +199,8 @@ class LoraLayer(nn.Module):
     def _new_holder(self, name: str) -> nn.Module:
         if name == DEFAULT_ADAPTER:
             return self
-        check_adapter_name(name)
+        if ADAPTERS_MODULE not in self._modules:
+            self.lora_adapters = nn.ModuleDict()
         self.lora_adapters[name] = _Holder()
         return self.lora_adapters[name]
 
@@ -250,20 +250,29 @@ class LoraLayer(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self.adapter().rank
+        return self._default().rank
 
     @property
     def scale(self) -> float:
-        return self._branch(DEFAULT_ADAPTER).scale
+        return self._default().scale
 
     @property
     def stream(self) -> int:
-        return self._branch(DEFAULT_ADAPTER).stream
+        return self._default().stream
 
     @property
     def a_regenerated(self) -> bool:
         """True when ``A`` is the generator's output for (seed, stream), never trained."""
-        return self._branch(DEFAULT_ADAPTER).a_regenerated
+        return self._default().a_regenerated
+
+    def _default(self) -> AdapterView:
+        if DEFAULT_ADAPTER not in self._branches:
+            # AttributeError: hasattr() and getattr(..., default) keep working
+            raise AttributeError(
+                f"this layer holds no adapter named 'default' (it holds "
+                f"{self.adapter_names}); use layer.adapter(name)"
+            )
+        return AdapterView(self, DEFAULT_ADAPTER)
 
     @property
     def d_in(self) -> int:
@@ -301,7 +310,7 @@ class LoraLayer(nn.Module):
     def trained_factors(self) -> str:
         """Which factors of adapter ``"default"`` are parameters: ``"A"``, ``"B"``, ``"AB"``
         or ``"none"``."""
-        return self.adapter().trained_factors()
+        return self._default().trained_factors()
 
     # --- forward ---------------------------------------------------------------------------
 
