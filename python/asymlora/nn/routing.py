@@ -79,11 +79,16 @@ class _Group:
     dropout: torch.nn.Module
     #: the group's rows of the batch, or None: the whole batch goes through x A^T
     rows: torch.Tensor | None
-    #: (K + 1) x r x d_out: s_k B_k^T of the K adapters, then zeros ("gather")
-    bt_stack: torch.Tensor
-    #: per row of the group's batch, the index in bt_stack ("gather")
+    #: (K + 1) x d_out x r: s_k B_k of the K adapters, then zeros ("gather"). B's own
+    #: layout: batched GEMMs read its transpose as a view about twice as fast as a
+    #: contiguous B^T when d_out is large (measured in benches/RESULTS.md).
+    b_stack: torch.Tensor
+    #: per row of the group's batch, the index in b_stack ("gather")
     slots: torch.Tensor
-    #: per adapter: (rows within the group's batch, s B^T) ("grouped")
+    #: per row, s B^T as a view of b_stack when row i uses adapter i (no gather copy:
+    #: in a decode step that copy is r times the size of the layer's output), else None
+    bt_rows: torch.Tensor | None
+    #: per adapter: (rows within the group's batch, s B) ("grouped")
     members: list[tuple[torch.Tensor, torch.Tensor]]
     #: one adapter over the whole batch: the layer's own branch, (B, scale)
     whole: tuple[torch.Tensor, float] | None
@@ -122,15 +127,24 @@ class _LayerPlan:
             whole_batch = len(by_a) == 1 and not dropout_on
             local = {i: i for i in range(size)} if whole_batch else _positions(group_rows)
             count = size if whole_batch else len(group_rows)
-            slots = torch.full((count,), len(names), dtype=torch.long)
-            members = []
+            # Rows of no adapter in this group point at the zero slot after the K adapters.
+            slot_of = [len(names)] * count
             for k, n in enumerate(names):
-                index = torch.tensor([local[i] for i in rows[n]], dtype=torch.long)
-                slots[index] = k
-                bt = (views[n].scale * views[n].lora_B.detach().to(dtype).t()).contiguous()
-                members.append((index.to(device), bt.to(device)))
-            r, d_out = first.rank, layer.d_out
-            zeros = torch.zeros(1, r, d_out, dtype=dtype, device=device)
+                for i in rows[n]:
+                    slot_of[local[i]] = k
+            slots = torch.tensor(slot_of, dtype=torch.long)
+            # One stack and one multiply per layer (not K of each): this set-up runs on
+            # every entry of the context, for every adapted layer. The scale multiplies
+            # B in float32 (its master); the product is rounded once to the batch's dtype.
+            b_all = torch.stack([views[n].lora_B.detach().float() for n in names])
+            scales = torch.tensor([views[n].scale for n in names], dtype=b_all.dtype)
+            scaled = (b_all * scales.to(b_all.device).view(-1, 1, 1)).to(device, dtype)
+            stack = torch.cat([scaled, scaled.new_zeros(1, *scaled.shape[1:])])
+            members = []
+            if algorithm == "grouped":
+                for k, n in enumerate(names):
+                    index = torch.tensor([local[i] for i in rows[n]], dtype=torch.long)
+                    members.append((index.to(device), stack[k]))
             whole = None
             if len(names) == 1 and len(group_rows) == size and not dropout_on:
                 whole = (first.lora_B, first.scale)
@@ -139,8 +153,9 @@ class _LayerPlan:
                     a=first.lora_A.detach().to(device=device, dtype=dtype),
                     dropout=first.dropout,
                     rows=None if whole_batch else torch.tensor(group_rows, device=device),
-                    bt_stack=torch.cat([bt.unsqueeze(0) for _, bt in members] + [zeros]),
+                    b_stack=stack,
                     slots=slots.to(device),
+                    bt_rows=_rows_view(stack, slots),
                     members=members,
                     whole=whole,
                 )
@@ -164,13 +179,26 @@ class _LayerPlan:
             h = F.linear(group.dropout(xg), group.a)
             h3 = h.reshape(h.shape[0], -1, h.shape[-1])  # rows x tokens x r
             if self.algorithm == "gather":
-                delta = torch.bmm(h3, group.bt_stack.index_select(0, group.slots))
-                y = _add_rows(layer, y, group.rows, delta)
+                bt = group.bt_rows
+                if bt is None:
+                    bt = group.b_stack.index_select(0, group.slots).transpose(1, 2)
+                y = _add_bmm(layer, y, group.rows, h3, bt)
             else:
-                for index, bt in group.members:
+                for index, b in group.members:
                     rows = index if group.rows is None else group.rows.index_select(0, index)
-                    y = _add_rows(layer, y, rows, h3.index_select(0, index) @ bt)
+                    y = _add_rows(layer, y, rows, h3.index_select(0, index) @ b.t())
         return y
+
+
+def _add_bmm(
+    layer: LoraLayer, y: torch.Tensor, rows: torch.Tensor | None, h3: torch.Tensor, bt: torch.Tensor
+) -> torch.Tensor:
+    # y (+)= h3 @ bt row by row. Over the whole batch, into y in place where that is safe:
+    # baddbmm_ adds inside the GEMM instead of writing and re-reading an N x d_out delta.
+    if rows is None and y.is_contiguous() and layer.may_add_in_place(y, h3):
+        y.view(h3.shape[0], h3.shape[1], -1).baddbmm_(h3, bt)
+        return y
+    return _add_rows(layer, y, rows, torch.bmm(h3, bt))
 
 
 def _add_rows(
@@ -183,6 +211,14 @@ def _add_rows(
     if rows is None:
         return y.add_(delta) if in_place else y + delta
     return y.index_add_(0, rows, delta) if in_place else y.index_add(0, rows, delta)
+
+
+def _rows_view(stack: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+    # Rows that use adapters 0, 1, 2, ... in order (one request per adapter, the usual
+    # many-tenant batch) read their B's straight from the stack.
+    if not torch.equal(slots, torch.arange(len(slots))):
+        return None
+    return stack[: len(slots)].transpose(1, 2)
 
 
 def _positions(rows: list[int]) -> dict[int, int]:
