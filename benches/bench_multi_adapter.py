@@ -61,6 +61,8 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _common import current_rss_bytes, fmt, llama_from_config, mib, quartiles
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SEED = 1234  # every adapter's A comes from this seed
 B_STD = 0.02  # random B: N(0, B_STD^2), its own generator seed per adapter
@@ -91,15 +93,6 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
 # --------------------------------------------------------------------------- helpers
 
 
-def _rss_bytes() -> int:
-    """Resident set size now (Linux /proc; 0 where there is none)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
 def _trimmed_rss() -> int:
     """RSS after a GC and glibc's ``malloc_trim(0)`` (freed heap handed back)."""
     gc.collect()
@@ -108,7 +101,7 @@ def _trimmed_rss() -> int:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
-    return _rss_bytes()
+    return current_rss_bytes() or 0
 
 
 def _storage_bytes(tensors) -> int:
@@ -130,52 +123,13 @@ def _adapter_tensors(model) -> list:
     return found
 
 
-def _quartiles(values: list[float]) -> list[float]:
-    if len(values) < 2:
-        return [values[0], values[0]]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return [q[0], q[2]]
-
-
-def _mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.2f}"
-
-
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 # --------------------------------------------------------------------------- set-up
 
 
 def build_base(args, torch, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 64),
-        max_position_embeddings=max(args.seq, args.gen_prompt + args.new_tokens, 128),
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    positions = max(args.seq, args.gen_prompt + args.new_tokens, 128)
+    config = {"pad_token_id": 0, "bos_token_id": None, "eos_token_id": None}
+    return llama_from_config(torch, device, dtype, args, max_positions=positions, **config).eval()
 
 
 def make_adapters(args, torch, base, workdir: Path) -> tuple[list[Path], list[Path]]:
@@ -405,7 +359,7 @@ def summarize(times: dict) -> dict[str, dict]:
             "median_s": statistics.median(ts),
             "min_s": min(ts),
             "overhead_s": statistics.median(diffs),
-            "overhead_quartiles_s": _quartiles(diffs),
+            "overhead_quartiles_s": quartiles(diffs, "inclusive"),
             "cpu_median_s": statistics.median(cpu[lbl]),
             "cpu_overhead_s": statistics.median(cdiffs),
             "n": len(ts),
@@ -537,8 +491,8 @@ def print_report(args, summaries, memory, checks_out, checks, env) -> None:
                 check = ""
             print(
                 f"{lbl:<18} {s['median_s']:>9.3f} {s['min_s']:>7.3f} {ovh:>11} {quart:>15} "
-                f"{_fmt(s['vs_peft'], '.2f') + ('x' if s['vs_peft'] else ''):>7} {covh:>10} "
-                f"{_fmt(s['cpu_vs_peft'], '.2f') + ('x' if s['cpu_vs_peft'] else ''):>11} "
+                f"{fmt(s['vs_peft'], '.2f') + ('x' if s['vs_peft'] else ''):>7} {covh:>10} "
+                f"{fmt(s['cpu_vs_peft'], '.2f') + ('x' if s['cpu_vs_peft'] else ''):>11} "
                 f"{check:>22}"
             )
     if memory:
@@ -563,12 +517,12 @@ def print_report(args, summaries, memory, checks_out, checks, env) -> None:
             )
             load = m["load_s_added_median"]
             print(
-                f"{method:<9} {_mib(m['first_adapter_bytes']):>17} "
-                f"{_mib(m['bytes_per_added_adapter']):>13} "
-                f"{_fmt(ratio, '.3f') + ('x' if ratio else ''):>7} "
-                f"{_mib(m['rss_first_adapter_bytes']):>13} "
-                f"{_mib(m['rss_per_added_adapter_bytes']):>17} {m['file_bytes']:>11,} "
-                f"{_fmt(None if load is None else load * 1e3, '.0f'):>15}"
+                f"{method:<9} {mib(m['first_adapter_bytes'], 2):>17} "
+                f"{mib(m['bytes_per_added_adapter'], 2):>13} "
+                f"{fmt(ratio, '.3f') + ('x' if ratio else ''):>7} "
+                f"{mib(m['rss_first_adapter_bytes'], 2):>13} "
+                f"{mib(m['rss_per_added_adapter_bytes'], 2):>17} {m['file_bytes']:>11,} "
+                f"{fmt(None if load is None else load * 1e3, '.0f'):>15}"
             )
     print()
     what = {
@@ -588,7 +542,7 @@ def print_report(args, summaries, memory, checks_out, checks, env) -> None:
             f"PEFT logits max |diff| {max(diffs, default=0.0):.2e} over K (tolerance "
             f"{TOLERANCE[args.dtype]:g} x max |logit| {fwd['max_abs_logit']:.2f}); the "
             f"adapters move the logits by up to {min(effects, default=0.0):.2f} (smallest over "
-            f"K); merged vs asymlora K=1 {_fmt(merged, '.1e')}"
+            f"K); merged vs asymlora K=1 {fmt(merged, '.1e')}"
         )
     gen = checks_out.get("generate")
     if gen:

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from _common import current_rss_bytes, fmt, llama_from_config, mib, peak_rss_bytes, quartiles
 
 METHODS = ("none", "asymlora-B", "peft-lora", "asymlora-AB")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,46 +57,11 @@ MAX_FILE_RATIO = 0.55  # asymlora-B adapter file / PEFT adapter file
 # --------------------------------------------------------------------------- worker
 
 
-def _rss_bytes() -> int:
-    """Current resident set size (Linux /proc; falls back to the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return _peak_rss_bytes()
-
-
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # kB on Linux
-
-
 def _build_model(args, torch, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 64),
-        max_position_embeddings=max(args.seq, 128),
-        tie_word_embeddings=False,
-        use_cache=False,
+    model = llama_from_config(
+        torch, device, dtype, args, max_positions=max(args.seq, 128), use_cache=False
     )
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype: no float32 copy inflating the peak
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.train()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return model.train()
 
 
 def _add_adapter(method: str, model, args):
@@ -211,7 +177,7 @@ def run_worker(args) -> dict:
     model = _build_model(args, torch, device, dtype)
     sync()
     build_s = time.perf_counter() - t0
-    base_rss = _rss_bytes()
+    base_rss = current_rss_bytes() or peak_rss_bytes()
     base_cuda = torch.cuda.memory_allocated(device) if cuda else None
     model, step_inputs, train_step, trainable = _trainer(torch, args.worker, model, ids, args)
 
@@ -225,7 +191,7 @@ def run_worker(args) -> dict:
         if i >= args.warmup:
             times.append(wall)
             cpu_times.append(cpu)
-    peak_rss = _peak_rss_bytes()
+    peak_rss = peak_rss_bytes()
     peak_cuda = torch.cuda.max_memory_allocated(device) if cuda else None
 
     saved_bytes, saved_count = _saved_activation_bytes(torch, model, step_inputs)
@@ -316,7 +282,7 @@ def summarize_paired(times: dict[str, list[float]]) -> dict[str, dict]:
         if none is not None:
             diffs = sorted(t - n for t, n in zip(ts, none))
             s["overhead_s"] = statistics.median(diffs)
-            s["overhead_quartiles_s"] = _quartiles(diffs)
+            s["overhead_quartiles_s"] = quartiles(diffs)
         summary[method] = s
     peft = summary.get("peft-lora")
     for method, s in summary.items():
@@ -325,21 +291,6 @@ def summarize_paired(times: dict[str, list[float]]) -> dict[str, dict]:
             s["overhead_s"] / peft["overhead_s"] if ok and method != "none" else None
         )
     return summary
-
-
-def _quartiles(values: list[float]) -> list[float]:
-    if len(values) < 2:
-        return [values[0], values[0]]
-    q = statistics.quantiles(values, n=4)
-    return [q[0], q[2]]
-
-
-def _mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f}"
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _ratio(s: dict) -> str:
@@ -448,8 +399,8 @@ def target_checks(
         (
             f"peak training memory below PEFT's ({what})",
             ours["peak_bytes"] < peft["peak_bytes"],
-            f"{_mib(ours['peak_bytes'])} MiB vs {_mib(peft['peak_bytes'])} MiB "
-            f"(growth {_mib(ours['peak_growth_bytes'])} vs {_mib(peft['peak_growth_bytes'])})",
+            f"{mib(ours['peak_bytes'])} MiB vs {mib(peft['peak_bytes'])} MiB "
+            f"(growth {mib(ours['peak_growth_bytes'])} vs {mib(peft['peak_growth_bytes'])})",
         )
     )
     file_ratio = ours["adapter_bytes"] / peft["adapter_bytes"]
@@ -504,10 +455,10 @@ def print_report(args, summary: dict[str, dict], paired, checks, cuda: bool) -> 
         overhead = None if s["overhead_s"] is None else s["overhead_s"] * 1e3
         print(
             f"{method:<12} {s['median_s']:>9.3f} {s['min_s']:>7.3f} {s['max_s']:>7.3f} "
-            f"{s['cpu_median_s']:>7.3f} {_fmt(overhead, '>11.0f'):>11} {_ratio(s):>7} "
-            f"{_mib(s['peak_bytes']):>14} {_mib(s['peak_growth_bytes']):>10} "
-            f"{s['trainable_params']:>10,} {_fmt(s['adapter_bytes'], ','):>11} "
-            f"{_mib(s['saved_bytes']):>9}"
+            f"{s['cpu_median_s']:>7.3f} {fmt(overhead, '>11.0f'):>11} {_ratio(s):>7} "
+            f"{mib(s['peak_bytes']):>14} {mib(s['peak_growth_bytes']):>10} "
+            f"{s['trainable_params']:>10,} {fmt(s['adapter_bytes'], ','):>11} "
+            f"{mib(s['saved_bytes']):>9}"
         )
     if paired:
         print()
@@ -528,7 +479,7 @@ def print_report(args, summary: dict[str, dict], paired, checks, cuda: bool) -> 
             overhead = s.get("overhead_s")
             print(
                 f"{method:<12} {s['median_s']:>9.3f} {s['min_s']:>7.3f} {s['max_s']:>7.3f} "
-                f"{_fmt(None if overhead is None else overhead * 1e3, '>11.0f'):>11} "
+                f"{fmt(None if overhead is None else overhead * 1e3, '>11.0f'):>11} "
                 f"{quart:>15} {_ratio(s):>7}"
             )
     print()
@@ -609,7 +560,7 @@ def main() -> None:
             med = statistics.median(result["times_s"])
             print(
                 f"round {round_ + 1}/{args.repeats} {method:<12} median step {med:.3f} s "
-                f"(peak {_mib(result['peak_cuda' if cuda else 'peak_rss'])} MiB)",
+                f"(peak {mib(result['peak_cuda' if cuda else 'peak_rss'])} MiB)",
                 flush=True,
             )
     paired_times = None

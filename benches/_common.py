@@ -1,0 +1,71 @@
+"""Pieces the benchmark scripts share: a Llama built from a config, RSS readings and the
+table formatting. Imported by the scripts as ``_common`` (they run with benches/ on
+sys.path[0])."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+
+
+def llama_from_config(torch, device, dtype, args, *, max_positions: int, **config):
+    """``LlamaForCausalLM`` of ``args`` (vocab, hidden, intermediate, layers), random
+    weights from ``torch.manual_seed(0)``, built directly in ``dtype`` on ``device`` (no
+    float32 copy inflating the peak), every parameter frozen. ``config``: further
+    ``LlamaConfig`` fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 64),
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        **config,
+    )
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(llama)
+    finally:
+        torch.set_default_dtype(previous)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def current_rss_bytes() -> int | None:
+    """Resident set size now (Linux /proc), or None where there is none."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # kB on Linux
+
+
+def quartiles(values: list[float], method: str = "exclusive") -> list[float]:
+    """First and third quartile (``statistics.quantiles``' method); the value itself for one."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4, method=method)
+    return [q[0], q[2]]
+
+
+def mib(n: float | None, digits: int = 1) -> str:
+    return "-" if n is None else f"{n / 2**20:.{digits}f}"
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
