@@ -32,7 +32,9 @@ PACKAGE = "asymlora"
 #: modules only from the layers below its own, so each can be read (and changed) knowing
 #: only what is under it. A new module of ``asymlora.nn`` gets a place here.
 NN_LAYERS = (
-    ("layer", "tensors", "optional"),  # the adapted layer, conversions, optional classes
+    ("tensors", "optional"),  # numpy <-> torch conversions, optional libraries' classes
+    ("base",),  # the base layer, float or quantised: shape, dtype, float weight, merge
+    ("layer",),  # the adapted layer
     ("model", "targets", "routing"),  # a wrapped model's state; what can be adapted; routes
     ("distributed.process", "distributed.dtensor"),
     ("distributed.ddp",),

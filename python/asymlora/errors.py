@@ -29,6 +29,12 @@ class DistributedMismatchError(AsymloraError, ValueError):
     """
 
 
+class QuantizedBaseError(AsymloraError, ValueError):
+    """A quantised base layer cannot do what was asked: an in-memory merge into a backend
+    that cannot requantise (torchao), for instance. The message names the layer type and
+    the way that works (the offline merge into the float checkpoint)."""
+
+
 __all__ = [
     "AdapterFormatError",
     "AdapterMismatchError",
@@ -36,5 +42,6 @@ __all__ = [
     "CheckpointError",
     "DistributedMismatchError",
     "NonFiniteError",
+    "QuantizedBaseError",
     "SafetensorsError",
 ]

@@ -2,9 +2,11 @@
 
 Modules, by job (each imports only those above it in this list):
 
-- ``layer``: :class:`LoraLayer`, one adapted linear layer with one or more named adapters;
 - ``tensors``: numpy <-> torch, bfloat16 bits kept;
 - ``optional``: classes of optional libraries, looked up without importing them;
+- ``base``: the frozen base layer, float or quantised (bitsandbytes, torchao): its shape,
+  dtype, weight as float and in-memory merge;
+- ``layer``: :class:`LoraLayer`, one adapted linear layer with one or more named adapters;
 - ``model``: a wrapped model's config, adapted layers and parameter counts;
 - ``targets``: which modules a LoraConfig selects and can be adapted;
 - ``routing``: what the layers compute inside ``disable_adapters`` / ``per_sample_adapters``;

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from asymlora.lora_config import LoraConfig
+from asymlora.nn.base import BaseInfo
 from asymlora.nn.distributed.ddp import exclude_frozen_factors_from_ddp
 from asymlora.nn.layer import DEFAULT_ADAPTER, LoraLayer
 from asymlora.nn.model import (
@@ -79,7 +80,8 @@ def build_layer(
     as adapter ``adapter_name``.
 
     The factors are copied to the base weight's device, in the dtype of the spec (by
-    default: trained ones in :func:`master_dtype`, frozen ones in the weight's dtype).
+    default: trained ones in :func:`master_dtype`, frozen ones in the base layer's dtype:
+    a quantised layer's compute dtype, :class:`~asymlora.nn.base.BaseInfo`).
 
     Raises:
         ValueError: a factor's shape is not ``rank x d_in`` (A) or ``d_out x rank`` (B).
@@ -87,11 +89,11 @@ def build_layer(
     target = spec.target
     _check_shape("lora_A", lora_A, (spec.rank, target.d_in), spec.name)
     _check_shape("lora_B", lora_B, (target.d_out, spec.rank), spec.name)
-    weight = target.module.weight
+    base = target.base
     return LoraLayer(
         target.module,
-        _placed(lora_A, weight, spec.dtype_A, trained=spec.train_A),
-        _placed(lora_B, weight, spec.dtype_B, trained=spec.train_B),
+        _placed(lora_A, base, spec.dtype_A, trained=spec.train_A),
+        _placed(lora_B, base, spec.dtype_B, trained=spec.train_B),
         scale=spec.scale,
         stream=spec.stream,
         train_A=spec.train_A,
@@ -244,12 +246,12 @@ def master_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _placed(
-    factor: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None, *, trained: bool
+    factor: torch.Tensor, base: BaseInfo, dtype: torch.dtype | None, *, trained: bool
 ) -> torch.Tensor:
     # On the base weight's device, in the spec's dtype or else factor_dtype's rule.
     if dtype is None:
-        dtype = factor_dtype(weight.dtype, trained=trained)
-    return factor.to(device=weight.device, dtype=dtype)
+        dtype = factor_dtype(base.dtype, trained=trained)
+    return factor.to(device=base.device, dtype=dtype)
 
 
 def _orthogonal_b(spec: AdapterSpec, seed: int) -> torch.Tensor:

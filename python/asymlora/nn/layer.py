@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asymlora.nn.base import add_to_weight
+from asymlora.nn.base import info as base_info
+
 #: the names of an adapted layer's two factors, as in its state dict
 FACTOR_NAMES = ("lora_A", "lora_B")
 #: the adapter of a model wrapped or loaded without a name (PEFT's default name too)
@@ -52,7 +55,8 @@ class _Holder(nn.Module):
 
 
 class LoraLayer(nn.Module):
-    """A frozen ``nn.Linear`` or transformers ``Conv1D`` plus rank-``r`` adapters.
+    """A frozen ``nn.Linear`` or transformers ``Conv1D`` (float, or quantised by
+    bitsandbytes or torchao: :mod:`asymlora.nn.base`) plus rank-``r`` adapters.
 
     ``A`` (r x d_in) and ``B`` (d_out x r) are parameters when trained and buffers
     when frozen, so an optimizer never sees a frozen factor. A frozen ``A`` that the
@@ -89,6 +93,8 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         #: True for GPT-2's ``Conv1D``, whose weight is stored d_in x d_out
         self.fan_in_fan_out = fan_in_fan_out
+        base = base_info(base_layer)  # the weight of a quantised layer is packed
+        self._shape = (base.d_in, base.d_out)
         self.dropout: nn.Module = nn.Identity()
         self._branches: dict[str, _Branch] = {}
         self._active: str | None = None
@@ -276,13 +282,11 @@ class LoraLayer(nn.Module):
 
     @property
     def d_in(self) -> int:
-        weight = self.base_layer.weight
-        return weight.shape[0] if self.fan_in_fan_out else weight.shape[1]
+        return self._shape[0]
 
     @property
     def d_out(self) -> int:
-        weight = self.base_layer.weight
-        return weight.shape[1] if self.fan_in_fan_out else weight.shape[0]
+        return self._shape[1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -358,21 +362,20 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """``W += s * B @ A`` of the active adapter, in float32 rounded once to W's dtype
-        (nothing when the layer does not hold the active adapter)."""
+        (nothing when the layer does not hold the active adapter). A quantised base is
+        dequantised, added to and quantised again, or refused
+        (:func:`asymlora.nn.base.add_to_weight`)."""
         if self._merged is None and self._active is not None:
-            self._add_to_weight(self.adapter(self._active).delta_weight())
+            add_to_weight(self.base_layer, self.adapter(self._active).delta_weight())
             self._merged = self._active
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """``W -= s * B @ A`` of the merged adapter; exact only as far as W's dtype allows."""
         if self._merged is not None:
-            self._add_to_weight(-self.adapter(self._merged).delta_weight())
+            delta = -self.adapter(self._merged).delta_weight()
+            add_to_weight(self.base_layer, delta, what="unmerge")
             self._merged = None
-
-    def _add_to_weight(self, delta: torch.Tensor) -> None:
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
 
     def extra_repr(self) -> str:
         if list(self._branches) == [DEFAULT_ADAPTER]:

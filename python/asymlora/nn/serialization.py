@@ -197,7 +197,7 @@ def _spec(target: Target, adapter: Adapter, is_trainable: bool) -> AdapterSpec:
         a_regenerated=not m.a_stored,
         # A frozen B keeps the master dtype too: saving the loaded model again writes
         # the file's bits, not B rounded to a half-precision weight's dtype.
-        dtype_B=master_dtype(target.module.weight.dtype),
+        dtype_B=master_dtype(target.base.dtype),
         a_identity=identity,
     )
 

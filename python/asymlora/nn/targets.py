@@ -13,8 +13,8 @@ from torch import nn
 
 from asymlora._validate import list_problems
 from asymlora.lora_config import ALL_LINEAR, LoraConfig
+from asymlora.nn.base import BaseInfo, describe, is_adaptable_linear, is_unsupported_quantized
 from asymlora.nn.layer import LoraLayer
-from asymlora.nn.optional import loaded_class
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class Target:
     d_out: int
     #: True for transformers' Conv1D, whose weight is stored d_in x d_out
     fan_in_fan_out: bool
+    #: the base layer's kind, factor dtype and device
+    base: BaseInfo
 
 
 def find_targets(model: nn.Module, config: LoraConfig, *, adapted: bool = False) -> list[Target]:
@@ -73,27 +75,13 @@ def as_target(
         if not adapted:
             return "already adapted"
         module = module.base_layer
-    if not is_linear(module):
-        kind = type(module).__name__
-        return f"{kind} is not supported (only torch.nn.Linear and transformers Conv1D)"
+    base = describe(module)
+    if isinstance(base, str):
+        return base
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its out_proj weight directly; it cannot be wrapped"
-    weight = module.weight
-    if not weight.is_floating_point():
-        return (
-            f"weight dtype {weight.dtype} is not a float dtype (quantized layers are not supported)"
-        )
-    if isinstance(module, nn.Linear):
-        return Target(name, module, module.in_features, module.out_features, False)
-    d_in, d_out = weight.shape  # Conv1D stores its weight transposed: d_in x d_out
-    return Target(name, module, d_in, d_out, True)
-
-
-def is_linear(module: nn.Module) -> bool:
-    """True for the layers an adapter can wrap (``nn.Linear``, transformers ``Conv1D``)."""
-    conv1d = loaded_class("transformers.pytorch_utils", "Conv1D")  # GPT-2 style models
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return Target(name, module, base.d_in, base.d_out, base.fan_in_fan_out, base)
 
 
 def modules_to_save(model: nn.Module, config: LoraConfig, targeted: set[str]) -> list[nn.Module]:
@@ -128,7 +116,9 @@ def _select(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]
         return [
             (n, m)
             for n, m in _candidates(model)
-            if (is_linear(m) or isinstance(m, LoraLayer))
+            # a quantised layer asymlora cannot adapt is selected too, so it is refused
+            # by name instead of silently left out
+            if (is_adaptable_linear(m) or is_unsupported_quantized(m) or isinstance(m, LoraLayer))
             and m is not head
             and not config.saves(n)
             and not _inside_saved(n, config)
@@ -166,7 +156,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 def _no_match_message(model: nn.Module, config: LoraConfig) -> str:
     suffixes = sorted(
-        {n.rpartition(".")[2] for n, m in model.named_modules() if n and is_linear(m)}
+        {n.rpartition(".")[2] for n, m in model.named_modules() if n and is_adaptable_linear(m)}
     )
     wanted = (
         [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
