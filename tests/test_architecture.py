@@ -35,7 +35,8 @@ NN_LAYERS = (
     ("tensors", "optional"),  # numpy <-> torch conversions, optional libraries' classes
     ("base",),  # the base layer, float or quantised: shape, dtype, float weight, merge
     ("layer",),  # the adapted layer
-    ("model", "targets", "routing"),  # a wrapped model's state; what can be adapted; routes
+    ("model", "targets", "routing", "kbit"),  # a wrapped model; what can be adapted; routes;
+    # readying a quantised model for training
     ("distributed.process", "distributed.dtensor"),
     ("distributed.ddp",),
     ("distributed.fingerprint",),

@@ -18,6 +18,7 @@ from asymlora.errors import (
     CheckpointError,
     DistributedMismatchError,
     NonFiniteError,
+    QuantizedBaseError,
     SafetensorsError,
 )
 from asymlora.lora_config import LoraConfig
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # static tools see the lazily loaded names below
         merge,
         merge_adapter,
         per_sample_adapters,
+        prepare_model_for_kbit_training,
         print_trainable_parameters,
         set_adapter,
         trainable_parameters,
@@ -74,6 +76,7 @@ _TORCH_API = {
     "check_ranks": "asymlora.nn.distributed",
     "adapter_fingerprint": "asymlora.nn.distributed",
     "AsymloraCallback": "asymlora.integrations.transformers",
+    "prepare_model_for_kbit_training": "asymlora.nn",
 }
 
 
@@ -117,6 +120,7 @@ __all__ = [
     "MergeReport",
     "ModuleConfig",
     "NonFiniteError",
+    "QuantizedBaseError",
     "SafetensorsError",
     "__version__",
     "active_adapter",
@@ -135,6 +139,7 @@ __all__ = [
     "merge_files",
     "norm_report",
     "per_sample_adapters",
+    "prepare_model_for_kbit_training",
     "print_trainable_parameters",
     "random_orthogonal",
     "random_orthogonal_many",

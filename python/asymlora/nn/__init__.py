@@ -9,6 +9,7 @@ Modules, by job (each imports only those above it in this list):
 - ``layer``: :class:`LoraLayer`, one adapted linear layer with one or more named adapters;
 - ``model``: a wrapped model's config, adapted layers and parameter counts;
 - ``targets``: which modules a LoraConfig selects and can be adapted;
+- ``kbit``: :func:`prepare_model_for_kbit_training` (PEFT's helper for quantised models);
 - ``routing``: what the layers compute inside ``disable_adapters`` / ``per_sample_adapters``;
 - ``distributed``: rank check, DDP ignore list, FSDP2 gather and scatter;
 - ``factory``: builds each adapted layer and installs the layers into a model;
@@ -25,6 +26,7 @@ from asymlora.nn.adapters import (
     per_sample_adapters,
     set_adapter,
 )
+from asymlora.nn.kbit import prepare_model_for_kbit_training
 from asymlora.nn.layer import DEFAULT_ADAPTER, AdapterView, LoraLayer
 from asymlora.nn.model import (
     TrainableSummary,
@@ -52,6 +54,7 @@ __all__ = [
     "merge",
     "merge_adapter",
     "per_sample_adapters",
+    "prepare_model_for_kbit_training",
     "print_trainable_parameters",
     "set_adapter",
     "trainable_parameters",

@@ -113,6 +113,15 @@ def is_adaptable_linear(module: nn.Module) -> bool:
     return _kind(module) is not None
 
 
+def is_unsupported_quantized(module: nn.Module) -> bool:
+    """True for a quantised linear layer of a library asymlora does not adapt (GPTQ, AWQ,
+    HQQ, quanto, EETQ, ...: named like one, or an ``nn.Linear`` with another library's
+    quantised weight tensor)."""
+    if _kind(module) is not None:
+        return False
+    return _named_quantized(module) or isinstance(module, nn.Linear)
+
+
 def float_weight(module: nn.Module) -> torch.Tensor:
     """The base weight as float32, laid out as stored (d_out x d_in; Conv1D d_in x d_out)."""
     kind = info(module).kind
@@ -173,22 +182,27 @@ def _kind(module: nn.Module) -> str | None:
     if linear8 is not None and isinstance(module, linear8):
         return BNB_8BIT
     if isinstance(module, nn.Linear):
-        return TORCHAO if _is_torchao(module.weight) else FLOAT
+        # Quantised layers of other libraries subclass nn.Linear too (quanto's QLinear)
+        return None if _named_quantized(module) else _weight_kind(module.weight)
     conv1d = loaded_class("transformers.pytorch_utils", "Conv1D")  # GPT-2 style models
     if conv1d is not None and isinstance(module, conv1d):
         return FLOAT
     return None
 
 
-def _is_torchao(weight: torch.Tensor) -> bool:
+def _weight_kind(weight: torch.Tensor) -> str | None:
+    # torch's own tensors (Parameter, DTensor) are float weights; torchao's quantised
+    # tensors dequantise; any other tensor subclass is a quantisation asymlora cannot read.
     data = weight.data if isinstance(weight, nn.Parameter) else weight
-    return type(data).__module__.startswith("torchao") and hasattr(data, "dequantize")
+    owner = type(data).__module__
+    if owner == "torch" or owner.startswith("torch."):
+        return FLOAT
+    if owner.startswith("torchao") and hasattr(data, "dequantize"):
+        return TORCHAO
+    return None
 
 
-def is_unsupported_quantized(module: nn.Module) -> bool:
-    """True for a quantised linear layer of a library asymlora does not adapt."""
-    if _kind(module) is not None:
-        return False
+def _named_quantized(module: nn.Module) -> bool:
     name = type(module).__name__
     return any(part in name for part in _OTHER_QUANTIZED) or hasattr(module, "qweight")
 
