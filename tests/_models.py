@@ -37,55 +37,6 @@ def tiny_gpt2(seed: int = 0):
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-def quantize_bnb(
-    model,
-    bits: int = 4,
-    *,
-    quant_type: str = "nf4",
-    compute_dtype: torch.dtype = torch.float32,
-    double_quant: bool = True,
-    skip: tuple[str, ...] = ("lm_head",),
-):
-    """Quantises ``model``'s ``nn.Linear`` layers (but ``skip``) in place with bitsandbytes,
-    as a user does without transformers' loader: each becomes a ``Linear4bit`` (NF4 or FP4)
-    or ``Linear8bitLt`` holding the float weight quantised (on the move to the CPU)."""
-    import bitsandbytes as bnb
-
-    linears = [
-        (n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and n not in skip
-    ]
-    for name, linear in linears:
-        bias = linear.bias is not None
-        if bits == 4:
-            layer = bnb.nn.Linear4bit(
-                linear.in_features,
-                linear.out_features,
-                bias=bias,
-                compute_dtype=compute_dtype,
-                compress_statistics=double_quant,
-                quant_type=quant_type,
-            )
-            layer.weight = bnb.nn.Params4bit(
-                linear.weight.data.clone(),
-                requires_grad=False,
-                compress_statistics=double_quant,
-                quant_type=quant_type,
-                module=layer,
-            )
-        else:
-            layer = bnb.nn.Linear8bitLt(
-                linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False
-            )
-            layer.weight = bnb.nn.Int8Params(
-                linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False
-            )
-        if bias:
-            layer.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.to("cpu"))
-    return model
-
-
 def quantize_torchao(model, skip: tuple[str, ...] = ("lm_head",)):
     """Quantises ``model``'s linear layers (but ``skip``) in place with torchao's int8
     weight-only quantisation (``quantize_(model, Int8WeightOnlyConfig())``)."""

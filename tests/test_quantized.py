@@ -11,12 +11,12 @@ import warnings
 import peft
 import pytest
 import torch
-from _models import LLAMA_TARGETS, quantize_bnb, quantize_torchao, tiny_llama
+from _models import LLAMA_TARGETS, quantize_torchao, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import asymlora
-from asymlora import LoraConfig, QuantizedBaseError
+from asymlora import LoraConfig, QuantizedBaseError, quantize_bnb
 from asymlora.nn import lora_layers
 from asymlora.nn.base import float_weight, info
 
@@ -24,7 +24,10 @@ bnb = pytest.importorskip("bitsandbytes")
 
 #: name -> (how to quantise a fresh tiny Llama, its dtype)
 KINDS = {
-    "nf4": (lambda m: quantize_bnb(m, 4, quant_type="nf4"), torch.float32),
+    "nf4": (
+        lambda m: quantize_bnb(m, 4, quant_type="nf4", compute_dtype=torch.float32),
+        torch.float32,
+    ),
     "fp4-bf16": (
         lambda m: quantize_bnb(
             m, 4, quant_type="fp4", compute_dtype=torch.bfloat16, double_quant=False
@@ -114,16 +117,16 @@ def test_training_reaches_the_trained_factors_of_every_layer(kind, train):
 def test_frozen_a_keeps_only_x_a_t_for_backward_on_a_4bit_layer():
     n, d_in, d_out, r = 64, 256, 128, 8
     torch.manual_seed(0)
-    model = quantize_bnb(nn.Sequential(nn.Linear(d_in, d_out, bias=False)), 4)
+    model = quantize_bnb(nn.Sequential(nn.Linear(d_in, d_out, bias=False)))
     x = torch.randn(n, d_in, requires_grad=True)
     base_bytes, _ = _saved_bytes(model, x)
     # B-only: x A^T (n x r) beyond what the 4-bit base keeps
-    wrapped = quantize_bnb(nn.Sequential(nn.Linear(d_in, d_out, bias=False)), 4)
+    wrapped = quantize_bnb(nn.Sequential(nn.Linear(d_in, d_out, bias=False)))
     asymlora.wrap(wrapped, LoraConfig(r=r, target_modules=["0"], train="B"))
     total, shapes = _saved_bytes(wrapped, x)
     assert total - base_bytes == n * r * 4, shapes
     # classic LoRA also keeps dropout(x) (n x d_in) for A's gradient
-    wrapped = quantize_bnb(nn.Sequential(nn.Linear(d_in, d_out, bias=False)), 4)
+    wrapped = quantize_bnb(nn.Sequential(nn.Linear(d_in, d_out, bias=False)))
     asymlora.wrap(wrapped, LoraConfig(r=r, target_modules=["0"], train="AB", dropout=0.1))
     total, shapes = _saved_bytes(wrapped, x)
     assert (n, d_in) in shapes and total - base_bytes >= n * d_in * 4
@@ -174,9 +177,9 @@ def test_outputs_and_b_gradients_equal_peft_qlora_on_the_same_quantized_model(ki
 _RELOAD = """
 import sys, hashlib, torch
 sys.path.insert(0, {tests!r})
-from _models import quantize_bnb, tiny_llama
+from _models import tiny_llama
 import asymlora
-model = quantize_bnb(tiny_llama(0), 4, quant_type="nf4")
+model = asymlora.quantize_bnb(tiny_llama(0), 4, quant_type="nf4")
 asymlora.load_adapter(model, {path!r})
 x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
 with torch.no_grad():
@@ -361,3 +364,13 @@ def _tests_dir():
     from pathlib import Path
 
     return Path(__file__).resolve().parent
+
+
+def test_quantize_bnb_keeps_the_head_in_float_and_checks_its_arguments():
+    model = quantize_bnb(tiny_llama(0))
+    assert type(model.lm_head) is nn.Linear
+    assert isinstance(model.model.layers[1].mlp.up_proj, bnb.nn.Linear4bit)
+    with pytest.raises(ValueError, match="bits: 3 is not 4 or 8"):
+        quantize_bnb(tiny_llama(0), 3)
+    with pytest.raises(ValueError, match=r"modules: \['model.norm', 'nope'\] are not nn.Linear"):
+        quantize_bnb(tiny_llama(0), modules=["lm_head", "model.norm", "nope"])

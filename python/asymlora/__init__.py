@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # static tools see the lazily loaded names below
         per_sample_adapters,
         prepare_model_for_kbit_training,
         print_trainable_parameters,
+        quantize_bnb,
         set_adapter,
         trainable_parameters,
         unmerge,
@@ -77,6 +78,7 @@ _TORCH_API = {
     "adapter_fingerprint": "asymlora.nn.distributed",
     "AsymloraCallback": "asymlora.integrations.transformers",
     "prepare_model_for_kbit_training": "asymlora.nn",
+    "quantize_bnb": "asymlora.nn",
 }
 
 
@@ -141,6 +143,7 @@ __all__ = [
     "per_sample_adapters",
     "prepare_model_for_kbit_training",
     "print_trainable_parameters",
+    "quantize_bnb",
     "random_orthogonal",
     "random_orthogonal_many",
     "read_adapter",

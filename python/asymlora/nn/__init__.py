@@ -9,7 +9,8 @@ Modules, by job (each imports only those above it in this list):
 - ``layer``: :class:`LoraLayer`, one adapted linear layer with one or more named adapters;
 - ``model``: a wrapped model's config, adapted layers and parameter counts;
 - ``targets``: which modules a LoraConfig selects and can be adapted;
-- ``kbit``: :func:`prepare_model_for_kbit_training` (PEFT's helper for quantised models);
+- ``kbit``: :func:`quantize_bnb` (quantise linear layers in place) and
+  :func:`prepare_model_for_kbit_training` (PEFT's helper for quantised models);
 - ``routing``: what the layers compute inside ``disable_adapters`` / ``per_sample_adapters``;
 - ``distributed``: rank check, DDP ignore list, FSDP2 gather and scatter;
 - ``factory``: builds each adapted layer and installs the layers into a model;
@@ -26,7 +27,7 @@ from asymlora.nn.adapters import (
     per_sample_adapters,
     set_adapter,
 )
-from asymlora.nn.kbit import prepare_model_for_kbit_training
+from asymlora.nn.kbit import prepare_model_for_kbit_training, quantize_bnb
 from asymlora.nn.layer import DEFAULT_ADAPTER, AdapterView, LoraLayer
 from asymlora.nn.model import (
     TrainableSummary,
@@ -56,6 +57,7 @@ __all__ = [
     "per_sample_adapters",
     "prepare_model_for_kbit_training",
     "print_trainable_parameters",
+    "quantize_bnb",
     "set_adapter",
     "trainable_parameters",
     "unmerge",

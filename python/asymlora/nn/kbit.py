@@ -1,9 +1,11 @@
-"""Getting a quantised (k-bit) model ready to train adapters on: PEFT's
-``prepare_model_for_kbit_training``, with the same rules, for asymlora."""
+"""Quantised (k-bit) models: quantising a float model's linear layers in place with
+bitsandbytes (:func:`quantize_bnb`), and getting such a model ready to train adapters on
+(PEFT's ``prepare_model_for_kbit_training``, with the same rules)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -68,3 +70,90 @@ def _enable_checkpointing(model: nn.Module, kwargs: dict[str, Any]) -> None:
             "gradient_checkpointing_enable (a transformers model has); pass False"
         )
     old(gradient_checkpointing_kwargs=kwargs)
+
+
+def quantize_bnb(
+    model: nn.Module,
+    bits: int = 4,
+    *,
+    quant_type: str = "nf4",
+    compute_dtype: torch.dtype | None = None,
+    double_quant: bool = True,
+    modules: Iterable[str] | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Quantises ``model``'s ``nn.Linear`` layers in place with bitsandbytes, as
+    transformers' ``BitsAndBytesConfig`` loader does for a checkpoint: each becomes a
+    ``Linear4bit`` (``quant_type`` ``"nf4"`` or ``"fp4"``, ``compute_dtype``, by
+    default the float weight's dtype, double
+    quantisation of the statistics with ``double_quant``) or, with ``bits=8``, a
+    ``Linear8bitLt`` (int8 weights, no float copy kept). The weights are quantised on
+    ``device`` (default: where each layer is).
+
+    ``modules``: the names of the layers to quantise; default every plain ``nn.Linear``
+    but the output head (``get_output_embeddings``), which QLoRA keeps in float.
+    Returns ``model``.
+
+    Raises:
+        ValueError: ``bits`` is not 4 or 8, or a name in ``modules`` is not an
+            ``nn.Linear`` of ``model``.
+        ModuleNotFoundError: bitsandbytes is not installed (``pip install asymlora[quantized]``).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits: {bits!r} is not 4 or 8")
+    bnb_nn = importlib.import_module("bitsandbytes.nn")
+    for name in _linear_names(model, modules):
+        linear = model.get_submodule(name)
+        layer = _bnb_layer(bnb_nn, linear, bits, quant_type, compute_dtype, double_quant)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to(device or linear.weight.device))
+    return model
+
+
+def _linear_names(model: nn.Module, modules: Iterable[str] | None) -> list[str]:
+    if modules is None:
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        return [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    names = list(modules)
+    wrong = [n for n in names if type(_submodule(model, n)) is not nn.Linear]
+    if wrong:
+        raise ValueError(f"modules: {wrong} are not nn.Linear layers of {type(model).__name__}")
+    return names
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _bnb_layer(bnb_nn, linear: nn.Linear, bits: int, quant_type, compute_dtype, double_quant):
+    # The float weight moves into the bitsandbytes parameter, which quantises itself on
+    # its first move to a device (the caller's .to).
+    bias = linear.bias is not None
+    data = linear.weight.data.to("cpu")
+    if bits == 4:
+        layer = bnb_nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=bias,
+            compute_dtype=compute_dtype or linear.weight.dtype,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+        )
+        layer.weight = bnb_nn.Params4bit(
+            data,
+            requires_grad=False,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            module=layer,
+        )
+    else:
+        layer = bnb_nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False
+        )
+        layer.weight = bnb_nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.data.to("cpu"), requires_grad=False)
+    return layer
