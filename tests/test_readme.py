@@ -74,3 +74,10 @@ def test_readme_torch_example_runs(tmp_path, monkeypatch):
         np.testing.assert_array_equal(imported.lora_B(name), adapter.lora_B(name))
     # merged and unwrapped at the end: plain modules again
     assert not asymlora.nn.is_wrapped(namespace["model"])
+    # QLoRA: every projection adapted on its 4-bit layer, the file B-only
+    qlayers = asymlora.nn.lora_layers(namespace["qmodel"])
+    assert len(qlayers) == 14 and all(
+        type(layer.base_layer).__name__ == "Linear4bit" for _, layer in qlayers
+    )
+    qlora = asymlora.read_adapter(tmp_path / "qlora.safetensors")
+    assert len(qlora.modules) == 14 and not any(m.a_stored for m in qlora.config.modules.values())
