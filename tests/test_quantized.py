@@ -374,3 +374,28 @@ def test_quantize_bnb_keeps_the_head_in_float_and_checks_its_arguments():
         quantize_bnb(tiny_llama(0), 3)
     with pytest.raises(ValueError, match=r"modules: \['model.norm', 'nope'\] are not nn.Linear"):
         quantize_bnb(tiny_llama(0), modules=["lm_head", "model.norm", "nope"])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_qlora_equals_peft_and_trains(bits, tmp_path):
+    def fresh():
+        return quantize_bnb(tiny_llama(0, dtype=torch.bfloat16), bits, device="cuda")
+
+    ours = fresh()
+    asymlora.wrap(ours, LoraConfig(r=4, alpha=8, target_modules=LLAMA_TARGETS, seed=5))
+    randomize_b(ours)
+    _, layer = lora_layers(ours)[0]
+    assert layer.lora_A.device.type == "cuda" and layer.lora_B.dtype == torch.float32
+    asymlora.save_adapter(ours, tmp_path / "a.safetensors")
+    peft_dir = asymlora.export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(fresh(), str(peft_dir), is_trainable=True)
+    x = ids().cuda()
+    loss_ours, loss_theirs = loss_of(ours, x), loss_of(theirs, x)
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=2e-2, atol=2e-2)
+    loss_ours.backward()
+    assert all(la.lora_B.grad.abs().sum() > 0 for _, la in lora_layers(ours))
