@@ -177,29 +177,30 @@ def test_outputs_and_b_gradients_equal_peft_qlora_on_the_same_quantized_model(ki
 _RELOAD = """
 import sys, hashlib, torch
 sys.path.insert(0, {tests!r})
-from _models import tiny_llama
+from test_quantized import quantized_llama
 import asymlora
-model = asymlora.quantize_bnb(tiny_llama(0), 4, quant_type="nf4")
+model = quantized_llama({kind!r})
 asymlora.load_adapter(model, {path!r})
 x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
 with torch.no_grad():
-    print(hashlib.sha256(model(input_ids=x).logits.numpy().tobytes()).hexdigest())
+    print(hashlib.sha256(model(input_ids=x).logits.float().numpy().tobytes()).hexdigest())
 """
 
 
-def test_adapter_trained_on_4bit_reloads_bit_for_bit_in_a_fresh_process(tmp_path):
-    model = quantized_llama("nf4")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_adapter_trained_on_a_quantized_base_reloads_bit_for_bit_in_a_fresh_process(kind, tmp_path):
+    model = quantized_llama(kind)
     asymlora.wrap(model, LoraConfig(r=4, target_modules=LLAMA_TARGETS, seed=9))
     _train(model, steps=3)
     path = tmp_path / "qlora.safetensors"
     asymlora.save_adapter(model, path)
     assert not any("weight" in k and "lora" not in k for k in load_file(path))  # B only
     with torch.no_grad():
-        logits = model(input_ids=ids()).logits
+        logits = model(input_ids=ids()).logits.float()
     import hashlib
 
     expected = hashlib.sha256(logits.numpy().tobytes()).hexdigest()
-    script = _RELOAD.format(tests=str(_tests_dir()), path=str(path))
+    script = _RELOAD.format(tests=str(_tests_dir()), kind=kind, path=str(path))
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, check=True
     )
@@ -235,6 +236,28 @@ def test_4bit_adapter_merges_offline_into_the_float_checkpoint(tmp_path):
         key = name + ".weight"
         want = (base[key].double() + layer.delta_weight().double()).float()
         torch.testing.assert_close(merged[key], want, rtol=0, atol=1e-7)
+
+
+def test_mixed_batch_of_adapters_on_a_4bit_base_equals_each_row_alone(tmp_path):
+    model = quantized_llama("nf4")
+    for i, name in enumerate(("fr", "de")):
+        trained = quantized_llama("nf4")
+        asymlora.wrap(trained, LoraConfig(r=4, target_modules=LLAMA_TARGETS, seed=9))
+        randomize_b(trained, seed=i + 1)
+        asymlora.save_adapter(trained, tmp_path / f"{name}.safetensors")
+        asymlora.load_adapter(model, tmp_path / f"{name}.safetensors", adapter_name=name)
+    x = ids(batch=3)
+    with torch.no_grad(), asymlora.per_sample_adapters(model, ["fr", "de", None]):
+        mixed = model(input_ids=x).logits
+    for row, name in enumerate(("fr", "de", None)):
+        with torch.no_grad():
+            if name is None:
+                with asymlora.disable_adapters(model):
+                    alone = model(input_ids=x[row : row + 1]).logits
+            else:
+                asymlora.set_adapter(model, name)
+                alone = model(input_ids=x[row : row + 1]).logits
+        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
 
 
 # --- merging in memory ---------------------------------------------------------------------
