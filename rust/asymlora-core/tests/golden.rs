@@ -129,3 +129,61 @@ fn batched_equals_single_with_any_thread_count() {
         }
     }
 }
+
+/// Set to `1` to (re)write the generated docs files instead of checking them. Only for
+/// adding cases: a change to a published value is a new generator.
+const WRITE_ENV: &str = "ASYMLORA_WRITE_GOLDEN";
+
+fn docs_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs").join(name)
+}
+
+/// Checks that `docs/<name>` is exactly `text` (or writes it, under [`WRITE_ENV`]).
+fn check_or_write_doc(name: &str, text: &str) {
+    let path = docs_path(name);
+    if std::env::var(WRITE_ENV).as_deref() == Ok("1") {
+        std::fs::write(&path, text).unwrap();
+        return;
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == text,
+        "{} differs from what the code gives; rerun with {WRITE_ENV}=1 only if you added cases",
+        path.display()
+    );
+}
+
+fn f64_hex(x: f64) -> String {
+    format!("{:016x}", x.to_bits())
+}
+
+fn sha256_of(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn f64_le_bytes(values: &[f64]) -> Vec<u8> {
+    values.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn ziggurat_tables_doc_equals_the_literals() {
+    use asymlora_core::prng::{ZIG_F, ZIG_R, ZIG_V, ZIG_X};
+    let all: Vec<f64> = ZIG_X.iter().chain(ZIG_F.iter()).copied().collect();
+    let doc = serde_json::json!({
+        "generator": "haar-v1",
+        "note": "Ziggurat tables of haar-v1 (authoritative). X_f64_bits[i] = X[i], F_f64_bits[i] = F[i] \
+                 as IEEE-754 binary64 bit patterns (16 hex digits, most significant first). sha256 is \
+                 over X[0..=256] then F[0..=256], each as 8 little-endian bytes (4112 bytes). Generated \
+                 from rust/asymlora-core/src/prng/ziggurat_tables.rs by tests/golden.rs; never edit.",
+        "layers": 256,
+        "R_f64_bits": f64_hex(ZIG_R),
+        "V_f64_bits": f64_hex(ZIG_V),
+        "X_f64_bits": ZIG_X.iter().map(|&x| f64_hex(x)).collect::<Vec<_>>(),
+        "F_f64_bits": ZIG_F.iter().map(|&x| f64_hex(x)).collect::<Vec<_>>(),
+        "sha256": sha256_of(&f64_le_bytes(&all)),
+    });
+    check_or_write_doc(
+        "haar-v1-ziggurat-tables.json",
+        &(serde_json::to_string_pretty(&doc).unwrap() + "\n"),
+    );
+}
