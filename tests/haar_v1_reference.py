@@ -277,8 +277,11 @@ def _combine(lanes: np.ndarray, choices: Choices) -> np.ndarray:
         for j in range(1, lanes.shape[1]):
             total = total + lanes[:, j]
         return total
-    l = [lanes[:, j] for j in range(8)]  # noqa: E741
-    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+    # pairwise: ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) for 8 lanes
+    level = [lanes[:, j] for j in range(lanes.shape[1])]
+    while len(level) > 1:
+        level = [level[j] + level[j + 1] for j in range(0, len(level), 2)]
+    return level[0]
 
 
 def apply(v: np.ndarray, tau: float, ys: np.ndarray, choices: Choices = SPEC) -> None:
@@ -296,6 +299,12 @@ def apply(v: np.ndarray, tau: float, ys: np.ndarray, choices: Choices = SPEC) ->
 
 def haar_a_f64(g: np.ndarray, choices: Choices = SPEC) -> np.ndarray:
     """The sign-fixed ``Q^T`` of section 4 (gain 1), r x d_in, from G (r x d_in)."""
+    # plain IEEE semantics (2/0 = inf, inf*0 = nan), as in Rust: only a mutant gets there
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _haar_a_f64(g, choices)
+
+
+def _haar_a_f64(g: np.ndarray, choices: Choices) -> np.ndarray:
     r, d = g.shape
     m = g.copy()  # row k of m is column k of M = G^T
     taus, r_diag = [], []
@@ -310,7 +319,7 @@ def haar_a_f64(g: np.ndarray, choices: Choices = SPEC) -> np.ndarray:
             taus.append(0.0), r_diag.append(0.0)
         else:
             x[0] = x[0] - alpha
-            taus.append(2.0 / float(dots(x, x[None, :], choices)[0]))
+            taus.append(float(np.float64(2.0) / dots(x, x[None, :], choices)[0]))
             r_diag.append(alpha)
         apply(x, taus[k], m[k + 1 :, k:], choices)
     q = np.zeros((r, d))
