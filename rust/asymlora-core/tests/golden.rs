@@ -1,5 +1,6 @@
-//! The pinned outputs of generator haar-v1 (docs/haar-v1-test-vectors.json), checked
-//! with 1, 2 and 8 threads. A failure here means the bits changed: that is a new
+//! The pinned outputs of generator haar-v1 (docs/haar-v1-test-vectors.json, checked
+//! with 1, 2 and 8 threads; docs/haar-v1-f64-vectors.json, with 1 and 8), and the
+//! published ziggurat tables (docs/haar-v1-ziggurat-tables.json) against the literals. A failure here means the bits changed: that is a new
 //! generator, not a fix to this one.
 
 use std::path::PathBuf;
@@ -196,11 +197,20 @@ const DRAW_CASES: [(usize, u64, u64, &str); 3] = [
     (48, 1790, 0, "tail, two wedge accepts, two wedge rejects, layer 255"),
 ];
 /// Shapes whose float64 G and A are pinned by SHA-256: those of the `sha256` vectors.
-const F64_SHA_CASES: [(usize, usize, u64, u64); 5] =
-    [(16, 4096, 0, 0), (16, 11008, 0, 6), (64, 4096, 1234, 99), (8, 1000, 7, 3), (128, 128, 3, 1)];
+const F64_SHA_CASES: [(usize, usize, u64, u64); 5] = [
+    (16, 4096, 0, 0),
+    (16, 11008, 0, 6),
+    (64, 4096, 1234, 99),
+    (8, 1000, 7, 3),
+    (128, 128, 3, 1),
+];
 /// Small A in full binary64: (r, d_in, seed, stream, gain).
-const A_F64_CASES: [(usize, usize, u64, u64, f64); 4] =
-    [(2, 5, 0, 0, 1.0), (3, 8, 42, 7, 1.0), (4, 37, 1, 2, 1.0), (3, 20, 11, 5, -1.7)];
+const A_F64_CASES: [(usize, usize, u64, u64, f64); 4] = [
+    (2, 5, 0, 0, 1.0),
+    (3, 8, 42, 7, 1.0),
+    (4, 37, 1, 2, 1.0),
+    (3, 20, 11, 5, -1.7),
+];
 /// Small A rounded with a gain that is not a power of two (so scaling after rounding differs).
 const ROUNDED_CASES: [(usize, usize, u64, u64, f64, &str); 3] = [
     (3, 20, 11, 5, 0.3, "float32"),
@@ -279,6 +289,11 @@ fn f64_vectors_doc() -> Value {
 
 #[test]
 fn f64_vectors_doc_equals_the_code() {
-    let text = serde_json::to_string_pretty(&f64_vectors_doc()).unwrap() + "\n";
-    check_or_write_doc("haar-v1-f64-vectors.json", &text);
+    for threads in [1, 8] {
+        let doc = with_threads(threads, f64_vectors_doc);
+        check_or_write_doc(
+            "haar-v1-f64-vectors.json",
+            &(serde_json::to_string_pretty(&doc).unwrap() + "\n"),
+        );
+    }
 }
