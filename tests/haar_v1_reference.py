@@ -8,7 +8,8 @@ at a time and checks that some vector catches each flip.
 numpy is used only for exact IEEE-754 element-wise operations (each ``+``, ``-``, ``*``
 on float64 arrays is one correctly rounded operation; no ufunc here fuses them) and for
 ``np.add.accumulate``, which adds strictly in order. ``exp``/``log`` are Python's
-``math`` (the platform libm, glibc here), which the spec allows with the caveat it states.
+``math`` (the platform libm, glibc here), which the spec allows with the caveat it states;
+the "glibc" tables mutation relies on that libm differing from musl's, as glibc's does.
 """
 
 from __future__ import annotations
