@@ -196,7 +196,9 @@ def open_unit(b: int) -> float:
     return (float(b >> 12) + 0.5) * TWO_POW_M52
 
 
-def normal(draws: Draws, choices: Choices = SPEC) -> float:
+def normal(draws: Draws, choices: Choices = SPEC, paths: set[str] | None = None) -> float:
+    """One standard normal; the rare paths it takes are added to ``paths``."""
+    paths = set() if paths is None else paths
     x_tab, f_tab, r, layers = tables(choices)
     mask = layers - 1
     while True:
@@ -206,13 +208,18 @@ def normal(draws: Draws, choices: Choices = SPEC) -> float:
         if abs(x) < x_tab[i + 1]:
             return x
         if i == 0 and choices.tail != "none":
-            return tail(draws, x < 0.0, r, choices)
+            paths.add("tail")
+            return tail(draws, x < 0.0, r, choices, paths)
+        if i == layers - 1:
+            paths.add("last layer")
         y = f_tab[i + 1] + unit(draws.next()) * (f_tab[i] - f_tab[i + 1])
         if choices.wedge_always_accepts or y < math.exp((-0.5 * x) * x):
+            paths.add("wedge accepted")
             return x
+        paths.add("wedge rejected")
 
 
-def tail(draws: Draws, negative: bool, r: float, choices: Choices) -> float:
+def tail(draws: Draws, negative: bool, r: float, choices: Choices, paths: set[str]) -> float:
     negative ^= choices.tail_sign_flip
     if choices.tail == "sqrt":  # Marsaglia's other tail method: z = sqrt(R^2 - 2 log u)
         while True:
@@ -224,15 +231,16 @@ def tail(draws: Draws, negative: bool, r: float, choices: Choices) -> float:
         y = math.log(open_unit(draws.next()))
         if -2.0 * y >= x * x:
             return (x - r) if negative else (r - x)
+        paths.add("tail rejected")
 
 
-def gaussian_row(seed: int, stream: int, row: int, d_in: int, choices: Choices = SPEC):
-    """Row ``row`` of G and the number of draws each entry used."""
+def gaussian_row(seed: int, stream: int, row: int, d_in: int, choices: Choices = SPEC, paths=None):
+    """Row ``row`` of G and the number of draws each entry used (rare paths to ``paths``)."""
     draws = Draws(seed, stream, row, choices)
     values, counts = [], []
     for _ in range(d_in):
         before = draws.used
-        values.append(normal(draws, choices))
+        values.append(normal(draws, choices, paths))
         counts.append(draws.used - before)
     return values, counts
 

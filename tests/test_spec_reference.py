@@ -173,6 +173,20 @@ def test_each_changed_choice_is_caught(change):
     assert caught is not None, f"no vector catches {change}"
 
 
+def test_draw_vectors_take_every_rare_path():
+    """Together the ``gaussian_draws`` rows take each rare step of the ziggurat."""
+    paths: set[str] = set()
+    for e in F64_VECTORS["gaussian_draws"]:
+        ref.gaussian_row(e["seed"], e["stream"], 0, e["d_in"], paths=paths)
+    assert paths == {
+        "tail",
+        "tail rejected",
+        "wedge accepted",
+        "wedge rejected",
+        "last layer",
+    }
+
+
 def test_published_tables_close_the_recursion():
     """The published bits are a 256-layer ziggurat: X[1] = R, X[256] = 0, F[256] = 1, and
     layer 255 reaches the peak (V / X[255] + F[255] = 1). Their SHA-256 is checked on load."""

@@ -192,9 +192,9 @@ fn ziggurat_tables_doc_equals_the_literals() {
 /// Rows whose first `d_in` normals take every rare path of the ziggurat (found by
 /// searching seeds with tests/haar_v1_reference.py): (d_in, seed, stream, what it covers).
 const DRAW_CASES: [(usize, u64, u64, &str); 3] = [
-    (32, 230, 0, "tail, wedge accept, wedge reject, layer 255"),
+    (32, 230, 0, "tail, one rejected wedge"),
     (39, 909, 0, "tail with one rejected tail pair"),
-    (48, 1790, 0, "tail, two wedge accepts, two wedge rejects, layer 255"),
+    (48, 1790, 0, "tail, two accepted and two rejected wedges, layer 255"),
 ];
 /// Shapes whose float64 G and A are pinned by SHA-256: those of the `sha256` vectors.
 const F64_SHA_CASES: [(usize, usize, u64, u64); 5] = [
