@@ -189,8 +189,9 @@ fn ziggurat_tables_doc_equals_the_literals() {
     );
 }
 
-/// Rows whose first `d_in` normals take every rare path of the ziggurat (found by
-/// searching seeds with tests/haar_v1_reference.py): (d_in, seed, stream, what it covers).
+/// Rows whose first `d_in` normals take every rare path of the ziggurat (seeds found by
+/// a search over row 0; tests/test_spec_reference.py checks that together they take
+/// each path): (d_in, seed, stream, what it covers).
 const DRAW_CASES: [(usize, u64, u64, &str); 3] = [
     (32, 230, 0, "tail, one rejected wedge"),
     (39, 909, 0, "tail with one rejected tail pair"),
