@@ -1,4 +1,4 @@
-"""The pinned haar-v1 outputs in docs/haar-v1-test-vectors.json, bit for bit.
+"""The pinned haar-v1 outputs in docs/haar-v1-test-vectors.json and haar-v1-f64-vectors.json.
 
 A failure here means the generator changed: that is a new generator, never a fix.
 """
@@ -21,6 +21,7 @@ import asymlora
 
 VECTORS_PATH = Path(__file__).parents[1] / "docs" / "haar-v1-test-vectors.json"
 VECTORS = json.loads(VECTORS_PATH.read_text())
+F64_VECTORS = json.loads((VECTORS_PATH.parent / "haar-v1-f64-vectors.json").read_text())
 THREADS = (1, 2, 8)
 
 
@@ -71,6 +72,21 @@ def test_gaussian_matrix_bits(entry):
     assert _hex_bits(g) == entry["values_f64_bits"]
 
 
+@pytest.mark.parametrize("entry", F64_VECTORS["gaussian_draws"], ids=_case_id)
+def test_gaussian_rare_paths_bits(entry):
+    """Rows that take the tail and wedge paths, in full binary64."""
+    g = asymlora.gaussian_matrix(1, entry["d_in"], seed=entry["seed"], stream=entry["stream"])
+    assert _hex_bits(g) == entry["values_f64_bits"]
+
+
+@pytest.mark.parametrize("entry", F64_VECTORS["gaussian_sha256"], ids=_case_id)
+def test_gaussian_matrix_sha256(entry):
+    g = asymlora.gaussian_matrix(
+        entry["r"], entry["d_in"], seed=entry["seed"], stream=entry["stream"]
+    )
+    assert _sha256(g) == entry["sha256"]
+
+
 def _generate(entry: dict, threads: int) -> np.ndarray:
     """The matrix a test-vector entry describes, checked for its shape."""
     a = asymlora.random_orthogonal(
@@ -92,6 +108,12 @@ def test_small_bits(entry, threads):
     a = _generate(entry, threads)
     assert _hex_bits(a) == entry["bits"]
     np.testing.assert_array_equal(a.astype(np.float64).ravel(), np.array(entry["values"]))
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("entry", F64_VECTORS["rounded"], ids=_case_id)
+def test_rounded_with_gain_bits(entry, threads):
+    assert _hex_bits(_generate(entry, threads)) == entry["bits"]
 
 
 @pytest.mark.parametrize("threads", THREADS)

@@ -16,6 +16,9 @@
 
 mod ziggurat_tables;
 
+/// The authoritative tables (published bit for bit in docs/haar-v1-ziggurat-tables.json).
+pub use ziggurat_tables::{ZIG_F, ZIG_X};
+
 use rand_chacha::ChaCha12Rng;
 use rand_core::{Rng, SeedableRng};
 
@@ -81,7 +84,6 @@ fn open_unit(bits: u64) -> f64 {
 /// the wedge falls under the density; on rejection, start over with a new draw.
 #[inline]
 pub fn standard_normal(rng: &mut ChaCha12Rng) -> f64 {
-    use ziggurat_tables::{ZIG_F, ZIG_X};
     loop {
         let bits = rng.next_u64();
         let i = (bits & 0xff) as usize;
@@ -213,8 +215,8 @@ mod tests {
     fn literal_tables_equal_the_recursion() {
         let (x, f) = ziggurat_tables_from_recursion();
         for i in 0..257 {
-            assert_eq!(x[i].to_bits(), ziggurat_tables::ZIG_X[i].to_bits(), "X[{i}]");
-            assert_eq!(f[i].to_bits(), ziggurat_tables::ZIG_F[i].to_bits(), "F[{i}]");
+            assert_eq!(x[i].to_bits(), ZIG_X[i].to_bits(), "X[{i}]");
+            assert_eq!(f[i].to_bits(), ZIG_F[i].to_bits(), "F[{i}]");
         }
         // The recursion closes: layer 255 reaches (almost exactly) the peak.
         let closing = ZIG_V / x[255] + f[255];

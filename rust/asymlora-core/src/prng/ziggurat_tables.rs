@@ -3,7 +3,7 @@
 // ziggurat (Marsaglia & Tsang 2000, R = 3.6541528853610088, V = 0.00492867323399).
 // Literals are shortest round-trip decimals: they parse to the exact bits.
 
-pub(super) const ZIG_X: [f64; 257] = [
+pub const ZIG_X: [f64; 257] = [
     3.91075795953709,
     3.654152885361009,
     3.4492782985609645,
@@ -263,7 +263,7 @@ pub(super) const ZIG_X: [f64; 257] = [
     0.0,
 ];
 
-pub(super) const ZIG_F: [f64; 257] = [
+pub const ZIG_F: [f64; 257] = [
     0.0004774677645866553,
     0.001260285930498598,
     0.002609072746106363,
