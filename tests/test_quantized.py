@@ -11,6 +11,7 @@ import warnings
 import peft
 import pytest
 import torch
+from _measure import saved_activation_bytes
 from _models import LLAMA_TARGETS, quantize_torchao, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -119,34 +120,17 @@ def test_frozen_a_keeps_only_x_a_t_for_backward_on_a_4bit_layer():
     torch.manual_seed(0)
     model = quantize_bnb(nn.Sequential(nn.Linear(d_in, d_out, bias=False)))
     x = torch.randn(n, d_in, requires_grad=True)
-    base_bytes, _ = _saved_bytes(model, x)
+    base_bytes, _ = saved_activation_bytes(model, x)
     # B-only: x A^T (n x r) beyond what the 4-bit base keeps
     wrapped = quantize_bnb(nn.Sequential(nn.Linear(d_in, d_out, bias=False)))
     asymlora.wrap(wrapped, LoraConfig(r=r, target_modules=["0"], train="B"))
-    total, shapes = _saved_bytes(wrapped, x)
+    total, shapes = saved_activation_bytes(wrapped, x)
     assert total - base_bytes == n * r * 4, shapes
     # classic LoRA also keeps dropout(x) (n x d_in) for A's gradient
     wrapped = quantize_bnb(nn.Sequential(nn.Linear(d_in, d_out, bias=False)))
     asymlora.wrap(wrapped, LoraConfig(r=r, target_modules=["0"], train="AB", dropout=0.1))
-    total, shapes = _saved_bytes(wrapped, x)
+    total, shapes = saved_activation_bytes(wrapped, x)
     assert (n, d_in) in shapes and total - base_bytes >= n * d_in * 4
-
-
-def _saved_bytes(module, x):
-    weights = [*module.parameters(), *module.buffers()]
-    seen = {t.untyped_storage().data_ptr() for t in weights} | {x.untyped_storage().data_ptr()}
-    total, shapes = [0], []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total[0] += t.untyped_storage().nbytes()
-            shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return total[0], shapes
 
 
 # --- against PEFT's QLoRA ------------------------------------------------------------------

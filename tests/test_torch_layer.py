@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from _measure import saved_activation_bytes  # noqa: E402
 from _models import LLAMA_TARGETS, tiny_gpt2, tiny_llama  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -227,26 +228,6 @@ def test_a_hook_on_the_base_layer_sees_the_base_output():
     y = model(x)
     torch.testing.assert_close(seen["y"], layer.base_layer(x))
     assert not torch.equal(y, seen["y"])
-
-
-def saved_activation_bytes(module, x) -> tuple[int, list[tuple[int, ...]]]:
-    """Bytes of tensors autograd saves for backward in ``module(x)``, weights excluded."""
-    shapes: list[tuple[int, ...]] = []
-    weights = [t for t in [*module.parameters(), *module.buffers()]]
-    seen: set[int] = {t.untyped_storage().data_ptr() for t in weights}
-    seen.add(x.untyped_storage().data_ptr())  # the input exists anyway; count only new tensors
-    total = [0]
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total[0] += t.untyped_storage().nbytes()
-            shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return total[0], shapes
 
 
 def test_frozen_a_keeps_only_x_a_t_for_backward():
