@@ -208,7 +208,8 @@ def _weight(i: int, w: object) -> float:
             raise TypeError
         return float(w)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"invalid argument `weights`: weights[{i}] must be a number, got {w!r}") from None
+        message = f"invalid argument `weights`: weights[{i}] must be a number, got {w!r}"
+        raise ValueError(message) from None
 
 
 def _prefix_pairs(

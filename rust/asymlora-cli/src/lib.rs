@@ -183,8 +183,9 @@ where
         .and_then(|m| Cli::from_arg_matches(&m));
     let cli = match parsed {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version: printed to stdout as they are.
+        Err(e) if !e.use_stderr() || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // --help and --version (to stdout), and the help for no command at all
+            // (to stderr, exit 2): printed whole, as they are.
             let _ = e.print();
             return e.exit_code();
         }
