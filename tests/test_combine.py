@@ -383,6 +383,53 @@ def test_refusals(tmp_path):
     assert out.read_bytes() == a.read_bytes()
 
 
+def _with_config_field(path: Path, module: str | None, field: str, value: object) -> Path:
+    """An adapter on MODULES whose config has ``field`` (of ``module``) set to ``value``."""
+    valid = asymlora.read_adapter(_adapter(tmp := path.with_suffix(".tmp"), seed=7, values=1))
+    config = json.loads(valid.config.to_json())
+    (config["modules"][module] if module else config)[field] = value
+    tensors = dict(valid.tensors)
+    tmp.unlink()
+    metadata = {"format": "asymlora", "format_version": "1", "asymlora_config": json.dumps(config)}
+    write_safetensors(path, tensors, metadata)
+    return path
+
+
+def test_wrong_typed_config_fields_are_refused_by_the_rust_reader(tmp_path):
+    # A string "false" where a boolean belongs (and the like) is refused by the one
+    # reader in the Rust core, for asymlora files and PEFT directories alike, naming
+    # the file and the field; Python does not re-validate.
+    q = MODULES[0][0]
+    for module, field, value in (
+        (q, "a_stored", "false"),
+        (q, "d_in", "32"),
+        (None, "rank", "4"),
+        (None, "alpha", "8"),
+        (None, "scaling", False),
+    ):
+        bad = _with_config_field(tmp_path / f"{field}.safetensors", module, field, value)
+        with pytest.raises(asymlora.AdapterFormatError, match=rf"{bad.name}.*field .*{field}"):
+            asymlora.read_adapter(bad)
+        with pytest.raises(asymlora.AdapterFormatError, match=rf"{bad.name}.*field .*{field}"):
+            asymlora.combine_adapters([bad], tmp_path / "out.safetensors")
+    for field, value, message in (
+        ("use_dora", "false", "must be true or false"),
+        ("fan_in_fan_out", "false", "must be true or false"),
+        ("use_rslora", 0, "must be true or false"),
+        ("r", "4", "must be a positive integer"),
+        ("lora_alpha", "8", "must be a finite number"),
+    ):
+        peft_dir = _peft_dir(tmp_path / f"peft-{field}", np.random.default_rng(1))
+        config = json.loads((peft_dir / "adapter_config.json").read_text())
+        (peft_dir / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        refused = rf"adapter_config.json: {field}: {message}"
+        with pytest.raises(asymlora.AdapterFormatError, match=refused):
+            asymlora.combine_adapters([peft_dir], tmp_path / "out.safetensors")
+        with pytest.raises(asymlora.AdapterFormatError, match=refused):
+            asymlora.import_peft(peft_dir, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_no_torch_needed(tmp_path):
     a = _adapter(tmp_path / "a.safetensors", seed=7, values=1)
     b = _adapter(tmp_path / "b.safetensors", seed=8, values=2)

@@ -378,6 +378,10 @@ def test_refusals(work, base_dir, peft_dir):
         (dict(adapters=pickle_only), asymlora.AdapterFormatError, "pickle"),
         (dict(adapters=[peft_dir, peft_dir], weights=[1.0]), ValueError, "one weight per adapter"),
         (dict(adapters=peft_dir, weights=[float("nan")]), ValueError, "finite"),
+        # A non-numeric weight names the argument and the position (not just float()'s message).
+        (dict(adapters=peft_dir, weights=["half"]), ValueError, r"`weights`: weights\[0\].*'half'"),
+        (dict(adapters=peft_dir, weights=[None]), ValueError, r"`weights`: weights\[0\]"),
+        (dict(adapters=peft_dir, weights=[True]), ValueError, r"`weights`: weights\[0\]"),
         (dict(adapters=peft_dir, dtype="int8"), ValueError, "unknown dtype"),
         (dict(adapters=peft_dir, threads=0), ValueError, "threads"),
         (dict(adapters=work / "missing"), FileNotFoundError, "missing"),

@@ -188,7 +188,7 @@ def _adapter_paths(adapters: PathLike | Sequence[PathLike]) -> list[str]:
 def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if weights is None:
         return [1.0] * n
-    values = [float(w) for w in weights]
+    values = [_weight(i, w) for i, w in enumerate(weights)]
     if len(values) != n:
         raise ValueError(
             f"invalid argument `weights`: {len(values)} weight(s) for {n} adapter(s); "
@@ -198,6 +198,18 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if bad:
         raise ValueError(f"invalid argument `weights`: must be finite numbers, got {bad[0]}")
     return values
+
+
+def _weight(i: int, w: object) -> float:
+    # float() alone says "could not convert string to float" without naming the
+    # argument; True is not a weight (as in combine_adapters).
+    try:
+        if isinstance(w, bool):
+            raise TypeError
+        return float(w)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        message = f"invalid argument `weights`: weights[{i}] must be a number, got {w!r}"
+        raise ValueError(message) from None
 
 
 def _prefix_pairs(

@@ -183,8 +183,14 @@ where
         .and_then(|m| Cli::from_arg_matches(&m));
     let cli = match parsed {
         Ok(cli) => cli,
-        Err(e) => {
+        Err(e) if !e.use_stderr() || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // --help and --version (to stdout), and the help for no command at all
+            // (to stderr, exit 2): printed whole, as they are.
             let _ = e.print();
+            return e.exit_code();
+        }
+        Err(e) => {
+            eprintln!("asymlora: error: {}", one_line_usage_error(&e.render().to_string()));
             return e.exit_code();
         }
     };
@@ -199,6 +205,18 @@ where
             1
         }
     }
+}
+
+/// clap's usage error (several lines: the error, the arguments it concerns, the usage
+/// and a pointer to --help) as one line: errors are one line, naming the argument.
+fn one_line_usage_error(text: &str) -> String {
+    text.lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 enum Failure {

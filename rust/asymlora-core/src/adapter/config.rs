@@ -82,6 +82,15 @@ fn null_as_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> 
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(1.0))
 }
 
+/// A wrong field's message, with its JSON path unless the problem is the whole config.
+fn field_message(path: &str, inner: &serde_json::Error) -> String {
+    if path == "." {
+        inner.to_string()
+    } else {
+        format!("field {path}: {inner}")
+    }
+}
+
 fn is_one(x: &f64) -> bool {
     *x == 1.0
 }
@@ -158,9 +167,16 @@ impl AdapterConfig {
             let path = e.path().to_string();
             let inner = e.into_inner();
             match inner.classify() {
-                serde_json::error::Category::Data if path != "." => format!("field {path}: {inner}"),
-                serde_json::error::Category::Data => inner.to_string(),
-                _ => format!("not valid JSON: {inner}"),
+                serde_json::error::Category::Data => field_message(&path, &inner),
+                // serde_json's text reader reports a wrong-typed enum (`"scaling": false`)
+                // as a syntax error; valid JSON read again as a value gives the real one.
+                _ => match serde_json::from_str::<serde_json::Value>(json) {
+                    Ok(value) => match serde_path_to_error::deserialize::<_, AdapterConfig>(value) {
+                        Err(e) => field_message(&e.path().to_string(), e.inner()),
+                        Ok(_) => format!("not valid JSON: {inner}"),
+                    },
+                    Err(_) => format!("not valid JSON: {inner}"),
+                },
             }
         })
     }

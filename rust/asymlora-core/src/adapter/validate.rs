@@ -14,6 +14,13 @@ pub use crate::io::TensorInfo;
 
 const FACTOR_DTYPES: [StDtype; 4] = [StDtype::F16, StDtype::BF16, StDtype::F32, StDtype::F64];
 
+/// Most elements (`rank * d_in`) a regenerated `A` may have. Its `d_in` is the one
+/// config number no tensor in the file bounds (a stored factor's shape is checked
+/// against the file length), and generating `A` allocates `rank * d_in` values: an
+/// unchecked `d_in` of 2^40 would abort the process. 2^30 is far above any real layer
+/// (rank 4096 on a 262144-wide input).
+pub(crate) const MAX_GENERATED_A_ELEMENTS: usize = 1 << 30;
+
 /// Builds format errors for one file.
 pub(crate) struct Reporter<'a> {
     pub path: &'a str,
@@ -128,6 +135,15 @@ fn check_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
                 return Err(rep.err(
                     at("rank"),
                     format!("rank {r} exceeds d_in {}: a generated A needs r <= d_in", m.d_in),
+                ));
+            }
+            if r.checked_mul(m.d_in).is_none_or(|n| n > MAX_GENERATED_A_ELEMENTS) {
+                return Err(rep.err(
+                    at("d_in"),
+                    format!(
+                        "rank {r} x d_in {} is more than the {MAX_GENERATED_A_ELEMENTS} elements a generated A may have",
+                        m.d_in
+                    ),
                 ));
             }
             if let Some(other) = streams.insert(m.stream, name) {

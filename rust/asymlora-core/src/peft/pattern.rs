@@ -14,6 +14,34 @@ pub struct PatternRule {
     keys: Vec<(String, Regex)>,
 }
 
+/// What PEFT's rule wraps each key in (the key is a regex matched at a dot boundary).
+const KEY_PREFIX: &str = r"^(?:.*\.)?(?:";
+const KEY_SUFFIX: &str = ")$";
+
+/// The regex crate's multi-line syntax error (the pattern, a caret line under the bad
+/// part, then `error: ...`) on one line, with the caret's place as a character of
+/// the key: errors are one line (a log line, a CLI line).
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    if let [first, pattern, caret, .., last] = lines.as_slice() {
+        if *first == "regex parse error:" && caret.trim_start().starts_with('^') {
+            let indent = pattern.len() - pattern.trim_start().len();
+            let column = caret.chars().position(|c| c == '^').unwrap_or(0);
+            let message = last.trim().strip_prefix("error: ").unwrap_or(last.trim());
+            return match column.checked_sub(indent + KEY_PREFIX.chars().count()) {
+                Some(at) => format!("{message} at character {} of the key", at + 1),
+                None => message.to_string(),
+            };
+        }
+    }
+    lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A key that is not a regex the rule can evaluate (Rust's `regex` syntax: no
 /// look-around or backreferences).
 #[derive(Clone, Debug)]
@@ -32,10 +60,10 @@ impl PatternRule {
             .into_iter()
             .map(|key| {
                 let key = key.into();
-                match Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")) {
+                match Regex::new(&format!("{KEY_PREFIX}{key}{KEY_SUFFIX}")) {
                     Ok(re) => Ok((key, re)),
                     Err(e) => Err(BadPattern {
-                        message: format!("not a regex asymlora can evaluate: {e}"),
+                        message: format!("not a regex asymlora can evaluate: {}", one_line(&e.to_string())),
                         key,
                     }),
                 }
@@ -121,6 +149,12 @@ mod tests {
         let err = PatternRule::new(["ok", "(?=look)"]).unwrap_err();
         assert_eq!(err.key, "(?=look)");
         assert!(err.message.contains("not a regex"), "{}", err.message);
+        assert!(!err.message.contains('\n'), "one line: {:?}", err.message);
+        assert!(err.message.contains("look-around"), "{}", err.message);
+        assert!(err.message.ends_with("at character 1 of the key"), "{}", err.message);
+        let err = PatternRule::new(["layers.1.q_proj[x"]).unwrap_err();
+        assert!(!err.message.contains('\n'), "one line: {:?}", err.message);
+        assert!(err.message.contains("at character 16 of the key"), "{}", err.message);
     }
 
     #[test]

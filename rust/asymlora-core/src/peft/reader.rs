@@ -41,6 +41,9 @@ const UNSUPPORTED_FIELDS: [(&str, &str); 12] = [
     ("megatron_config", "Megatron parallel linear layers"),
 ];
 
+/// Fields of [`UNSUPPORTED_FIELDS`] that PEFT writes as `true`/`false`.
+const BOOLEAN_FIELDS: [&str; 3] = ["use_dora", "lora_bias", "use_qalora"];
+
 /// `init_lora_weights` values whose initialisation rewrote the base weights.
 const BASE_REWRITING_INITS: [&str; 5] = ["pissa", "olora", "corda", "loftq", "lora_ga"];
 
@@ -245,6 +248,11 @@ fn check_method(config: &Config, config_path: &Path) -> Result<()> {
         }
     }
     for (field, what) in UNSUPPORTED_FIELDS {
+        // PEFT writes these as booleans: a string "false" is refused as a wrong type
+        // (like every boolean field), not read as a truthy "enabled".
+        if BOOLEAN_FIELDS.contains(&field) {
+            flag(config, field, config_path)?;
+        }
         if let Some(v) = config.get(field).filter(|v| truthy(v)) {
             return Err(format_err(
                 config_path,
