@@ -3,6 +3,8 @@
 Commands implemented in Rust (``inspect``; more later) are parsed by the Rust
 command line, shared with the standalone binary. Commands that need Python
 (``demo``, ``generator-check``) are dispatched here first. Nothing here imports torch.
+SIGINT, SIGTERM and SIGHUP stop a merge cleanly (exit code 128 + the signal's number):
+see :mod:`asymlora._signals`.
 """
 
 from __future__ import annotations
@@ -46,9 +48,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler, _ = PYTHON_COMMANDS[args[0]]
         return handler(args[1:])
     from asymlora import _native
+    from asymlora._signals import Interrupted, exit_code, stopping_on_signals
 
     sys.stdout.flush()
-    return _native.cli_main(["asymlora", *args], _python_help())
+    try:
+        # A merge polls the handlers: it stops, cleans up and reports the signal itself.
+        with stopping_on_signals():
+            return _native.cli_main(["asymlora", *args], _python_help())
+    except Interrupted as e:  # came while a command that does not poll was running
+        print(f"asymlora: interrupted by {e.signal_name}", file=sys.stderr)
+        return exit_code(e.signum)
 
 
 if __name__ == "__main__":

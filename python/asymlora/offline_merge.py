@@ -17,9 +17,10 @@ from typing import Any, Callable, NamedTuple, Union
 
 from asymlora import _native
 from asymlora._dtypes import dtype_name
+from asymlora._signals import Interrupted, stopping_on_signals
 from asymlora._validate import check_threads
 
-__all__ = ["MergeProgress", "MergeReport", "merge_files", "unmerge_files"]
+__all__ = ["Interrupted", "MergeProgress", "MergeReport", "merge_files", "unmerge_files"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -77,19 +78,20 @@ def _merge_command(subtract: bool) -> Callable[..., MergeReport]:
         pairs = list(zip(paths, _weights(weights, len(paths))))
         callback, close = _progress_callback(progress)
         try:
-            report: MergeReport = _native.merge(
-                os.fspath(base),
-                pairs,
-                os.fspath(out),
-                dtype=None if dtype is None else dtype_name(dtype),
-                threads=check_threads(threads),
-                force=bool(force),
-                prefix_map=_prefix_pairs(prefix_map),
-                allow_nonfinite=bool(allow_nonfinite),
-                subtract=subtract,
-                fsync=bool(fsync),
-                progress=callback,
-            )
+            with stopping_on_signals():
+                report: MergeReport = _native.merge(
+                    os.fspath(base),
+                    pairs,
+                    os.fspath(out),
+                    dtype=None if dtype is None else dtype_name(dtype),
+                    threads=check_threads(threads),
+                    force=bool(force),
+                    prefix_map=_prefix_pairs(prefix_map),
+                    allow_nonfinite=bool(allow_nonfinite),
+                    subtract=subtract,
+                    fsync=bool(fsync),
+                    progress=callback,
+                )
         finally:
             close()
         _warn(report)
@@ -128,7 +130,8 @@ merge_files.__doc__ = """Merges adapters into a checkpoint on disk.
             ``modules_to_save`` honoured; DoRA, quantised and pickle-only adapters refused,
             exactly as :func:`asymlora.import_peft` refuses them: one reader serves both).
         out: where to write; it appears only when complete (a failure or Ctrl-C leaves
-            nothing under that name).
+            nothing under that name). Hidden temporaries next to ``out`` that a killed
+            merge into ``out`` left are removed first (a warning names them).
         weights: one weight per adapter (default 1 each); several adapters merge as the
             exact weighted sum of their updates.
         dtype: output dtype of every floating-point tensor (``"bfloat16"``, ``"float16"``,
@@ -160,7 +163,16 @@ merge_files.__doc__ = """Merges adapters into a checkpoint on disk.
         FileExistsError: ``out`` exists (without ``force``), or is or holds an input.
         FileNotFoundError: an input or the parent directory of ``out`` is missing.
         ValueError: bad arguments.
-        KeyboardInterrupt: Ctrl-C during the merge (nothing is written).
+        Interrupted: SIGINT (Ctrl-C), SIGTERM or SIGHUP during the merge: it stops at
+            its next poll and removes its temporaries (nothing is written). A subclass of
+            ``KeyboardInterrupt``, so existing Ctrl-C handling holds; ``signum`` says
+            which signal. For the length of the call, from the main thread only, the
+            default actions of these signals are replaced by a handler raising it (a
+            handler of your own, or an ignored signal, is left as it is), and the
+            previous handlers are restored after. A ``KeyboardInterrupt`` raised by a
+            handler of your own propagates as it is.
+
+    Durability: see docs/offline-merge.md ("Crashes and signals").
     """
 
 unmerge_files = _merge_command(subtract=True)

@@ -161,15 +161,35 @@ fn parse_prefix(s: &str) -> Result<(String, String), String> {
     merge::parse_prefix_map(s).map_err(|e| e.to_string())
 }
 
-/// Exit code of a command stopped by [`run_cancellable`]'s `cancelled` (128 + SIGINT).
-pub const EXIT_INTERRUPTED: i32 = 130;
+/// Signal numbers (POSIX, the same on every Unix) that stop a long command cleanly.
+pub const SIGHUP: i32 = 1;
+pub const SIGINT: i32 = 2;
+pub const SIGTERM: i32 = 15;
+
+/// The exit code of a command stopped by `signal`: 128 + its number, as a shell reports
+/// a process killed by it.
+pub fn exit_code_for(signal: i32) -> i32 {
+    128 + signal
+}
+
+/// `SIGTERM` for 15, and so on; `signal N` for a number without a name here.
+pub fn signal_name(signal: i32) -> String {
+    match signal {
+        SIGHUP => "SIGHUP".into(),
+        SIGINT => "SIGINT".into(),
+        SIGTERM => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
+}
 
 /// Runs the command line on `args` (program name first) and returns the exit code.
 /// Errors go to stderr as one line; clap handles `--help` and usage errors.
 /// `extra_help` is appended to `--help` (the Python front end lists the commands it
-/// implements itself there). Long commands (merge) poll `cancelled` and, when it
-/// returns true, stop, remove what they wrote and return [`EXIT_INTERRUPTED`].
-pub fn run_cancellable<I, T>(args: I, extra_help: &str, cancelled: &dyn Fn() -> bool) -> i32
+/// implements itself there). Long commands (merge) call `cancelled` once before they
+/// start (a caller may install its signal handlers then) and poll it while they run;
+/// when it returns a signal number they stop, remove what they wrote, print one line
+/// naming the signal and return [`exit_code_for`] it.
+pub fn run_cancellable<I, T>(args: I, extra_help: &str, cancelled: &dyn Fn() -> Option<i32>) -> i32
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -196,9 +216,9 @@ where
     };
     match execute(cli.command, cancelled) {
         Ok(()) => 0,
-        Err(Failure::Interrupted) => {
-            eprintln!("asymlora: interrupted; nothing was written");
-            EXIT_INTERRUPTED
+        Err(Failure::Interrupted(signal)) => {
+            eprintln!("asymlora: interrupted by {}; nothing was written", signal_name(signal));
+            exit_code_for(signal)
         }
         Err(Failure::Message(message)) => {
             eprintln!("asymlora: error: {message}");
@@ -221,7 +241,8 @@ fn one_line_usage_error(text: &str) -> String {
 
 enum Failure {
     Message(String),
-    Interrupted,
+    /// Stopped by this signal.
+    Interrupted(i32),
 }
 
 impl From<String> for Failure {
@@ -233,13 +254,13 @@ impl From<String> for Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         match e {
-            Error::Cancelled => Failure::Interrupted,
+            Error::Cancelled => Failure::Interrupted(SIGINT),
             other => Failure::Message(other.to_string()),
         }
     }
 }
 
-fn execute(command: Command, cancelled: &dyn Fn() -> bool) -> Result<(), Failure> {
+fn execute(command: Command, cancelled: &dyn Fn() -> Option<i32>) -> Result<(), Failure> {
     match command {
         Command::Inspect { adapter } => {
             let file = AdapterFile::open(&adapter)?;
@@ -304,7 +325,9 @@ struct CliObserver<'a> {
     quiet: bool,
     bar: Option<ProgressBar>,
     modules: (usize, usize),
-    cancelled: &'a dyn Fn() -> bool,
+    cancelled: &'a dyn Fn() -> Option<i32>,
+    /// The signal that stopped the merge.
+    signal: Option<i32>,
 }
 
 impl Observer for CliObserver<'_> {
@@ -335,11 +358,18 @@ impl Observer for CliObserver<'_> {
     }
 
     fn cancelled(&mut self) -> bool {
-        (self.cancelled)()
+        if self.signal.is_none() {
+            self.signal = (self.cancelled)();
+        }
+        self.signal.is_some()
     }
 }
 
-fn run_merge(args: MergeArgs, subtract: bool, cancelled: &dyn Fn() -> bool) -> Result<(), Failure> {
+fn run_merge(args: MergeArgs, subtract: bool, cancelled: &dyn Fn() -> Option<i32>) -> Result<(), Failure> {
+    // Before anything is read or written: from here on a signal stops the merge cleanly.
+    if let Some(signal) = cancelled() {
+        return Err(Failure::Interrupted(signal));
+    }
     let opts = MergeOptions {
         dtype: args.dtype,
         threads: args.threads.map(|n| n as usize),
@@ -354,13 +384,17 @@ fn run_merge(args: MergeArgs, subtract: bool, cancelled: &dyn Fn() -> bool) -> R
         bar: None,
         modules: (0, 0),
         cancelled,
+        signal: None,
     };
     let t0 = Instant::now();
     let result = merge::merge(&args.base, &args.adapters, &args.out, &opts, &mut observer);
     if let Some(bar) = &observer.bar {
         bar.finish_and_clear();
     }
-    let report = result?;
+    let report = match (result, observer.signal) {
+        (Err(Error::Cancelled), Some(signal)) => return Err(Failure::Interrupted(signal)),
+        (result, _) => result?,
+    };
     print_report(
         &report,
         &args.adapters,

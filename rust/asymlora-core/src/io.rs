@@ -341,15 +341,6 @@ impl AtomicFile {
         Ok(AtomicFile { tmp, dest })
     }
 
-    pub fn file(&mut self) -> &mut File {
-        self.tmp.as_file_mut()
-    }
-
-    /// Path of the temporary file.
-    pub fn temp_path(&self) -> &Path {
-        self.tmp.path()
-    }
-
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
         let path = self.tmp.path().to_path_buf();
         self.tmp.as_file_mut().write_all(bytes).map_err(|e| Error::io(path, e))

@@ -18,7 +18,7 @@ use super::checkpoint::{Checkpoint, Shard};
 use super::engine::{self, Factors, Float};
 use super::{out_dtype, Job, Loaded, MergeOptions, MergeReport, Observer, Plan, Totals};
 use crate::error::{Error, Result};
-use crate::io::{copy_range, data_len, header_bytes, sync_parent, Appender, AtomicFile, TensorInfo};
+use crate::io::{copy_range, data_len, header_bytes, sync_parent, Appender, TensorInfo};
 
 /// Output bytes per band of a computed tensor.
 const BAND_BYTES: usize = 8 << 20;
@@ -453,21 +453,6 @@ impl<'a> Ctx<'a> {
 
 // ------------------------------------------------------------------------- files
 
-/// A hidden name next to `out` for a temporary (or moved-aside) directory.
-fn temp_dir_next_to(out: &Path, suffix: &str) -> Result<tempfile::TempDir> {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let prefix = format!(".{name}.asymlora-");
-    let parent = parent_of(out);
-    tempfile::Builder::new()
-        .prefix(&prefix)
-        .suffix(suffix)
-        .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))
-}
-
 fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -510,57 +495,320 @@ fn sync_all(paths: &[PathBuf]) -> Result<()> {
     })
 }
 
-/// Renames the finished directory `tmp` to `out` (replacing an existing `out` when
-/// `force`: it is moved aside first and removed once the new one is in place).
-fn publish_dir(tmp: tempfile::TempDir, out: &Path, force: bool, fsync: bool, warnings: &mut Vec<String>) -> Result<()> {
+/// Renames the finished directory `tmp.payload` to `out`. An existing `out` (only with
+/// `force`) is swapped with it in one step where the system can (Linux), so that `out`
+/// is never missing, and goes with the temporary; elsewhere it is moved aside first,
+/// unmarked so that no later merge removes it, and removed once the new one is in place.
+fn publish_dir(tmp: Temporary, out: &Path, force: bool, fsync: bool, warnings: &mut Vec<String>) -> Result<()> {
+    let payload = &tmp.payload;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).map_err(|e| Error::io(tmp.path(), e))?;
+        fs::set_permissions(payload, fs::Permissions::from_mode(0o755)).map_err(|e| Error::io(payload, e))?;
     }
     // A directory cannot be opened as a file, hence not flushed, on Windows.
     if fsync && cfg!(unix) {
-        File::open(tmp.path())
+        File::open(payload)
             .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(tmp.path(), e))?;
+            .map_err(|e| Error::io(payload, e))?;
     }
     let exists = fs::symlink_metadata(out).is_ok();
     if exists && !force {
-        return Err(Error::Exists {
-            path: out.to_path_buf(),
-            message: "appeared while merging; not replaced (pass --force to replace it)".into(),
-        });
+        return Err(appeared(out));
     }
-    let tmp_path = tmp.keep();
-    let result = (|| -> Result<()> {
-        if exists {
-            let old = temp_dir_next_to(out, ".old")?.keep();
-            fs::remove_dir(&old).map_err(|e| Error::io(&old, e))?;
-            fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-            if let Err(e) = fs::rename(&tmp_path, out) {
-                let _ = fs::rename(&old, out);
-                return Err(Error::io(out, e));
-            }
-            let removed = if old.is_dir() {
-                fs::remove_dir_all(&old)
-            } else {
-                fs::remove_file(&old)
-            };
-            if let Err(e) = removed {
-                warnings.push(format!("could not remove the replaced output {}: {e}", old.display()));
-            }
-        } else {
-            fs::rename(&tmp_path, out).map_err(|e| Error::io(out, e))?;
-        }
-        if fsync {
-            sync_parent(out)?;
-        }
+    if !exists {
+        fs::rename(payload, out).map_err(|e| Error::io(out, e))?;
+    } else if exchange(payload, out).is_err() {
+        replace_aside(payload, out, warnings)?;
+    }
+    if fsync {
+        sync_parent(out)?;
+    }
+    let tmp_path = tmp.dir.path().to_path_buf();
+    if let Err(e) = tmp.dir.close() {
+        warnings.push(format!("could not remove the temporary {}: {e}", tmp_path.display()));
+    }
+    Ok(())
+}
+
+/// Swaps the entries `a` and `b` atomically (`renameat2(RENAME_EXCHANGE)`).
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let (a, b) = (
+        CString::new(a.as_os_str().as_bytes())?,
+        CString::new(b.as_os_str().as_bytes())?,
+    );
+    // SAFETY: two valid NUL-terminated paths; the call only renames.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp_path);
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    result
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// Replaces `out` by `payload` in two renames: `out` to `.OUT.asymlora-*.old`, then
+/// `payload` to `out`; the old one is removed after.
+fn replace_aside(payload: &Path, out: &Path, warnings: &mut Vec<String>) -> Result<()> {
+    let old = temp_dir_next_to(out, ".old")?.keep();
+    fs::remove_dir(&old).map_err(|e| Error::io(&old, e))?;
+    fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+    if let Err(e) = fs::rename(payload, out) {
+        let _ = fs::rename(&old, out);
+        return Err(Error::io(out, e));
+    }
+    let removed = if old.is_dir() {
+        fs::remove_dir_all(&old)
+    } else {
+        fs::remove_file(&old)
+    };
+    if let Err(e) = removed {
+        warnings.push(format!("could not remove the replaced output {}: {e}", old.display()));
+    }
+    Ok(())
+}
+
+fn appeared(out: &Path) -> Error {
+    Error::Exists {
+        path: out.to_path_buf(),
+        message: "appeared while merging; not replaced (pass --force to replace it)".into(),
+    }
+}
+
+/// Puts the finished file `tmp.payload` in place as `out`: a rename over it when
+/// `force`, else a hard link, which fails if `out` exists (so nothing is clobbered
+/// even if `out` appeared meanwhile). `tmp` and the payload's name in it go after.
+fn publish_file(tmp: Temporary, out: &Path, force: bool, fsync: bool) -> Result<()> {
+    let payload = &tmp.payload;
+    if fsync {
+        open_for_sync(payload)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(payload, e))?;
+    }
+    if force {
+        fs::rename(payload, out).map_err(|e| Error::io(out, e))?;
+    } else {
+        match fs::hard_link(payload, out) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(appeared(out)),
+            // A file system without hard links: check, then rename.
+            Err(_) if fs::symlink_metadata(out).is_ok() => return Err(appeared(out)),
+            Err(_) => fs::rename(payload, out).map_err(|e| Error::io(out, e))?,
+        }
+    }
+    if fsync {
+        sync_parent(out)?;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------- temporaries
+
+/// The file every merge temporary holds from its creation on: it marks the directory
+/// as a merge's own (never a user's) and names its owner, so that a later merge into
+/// the same OUT can remove it once that owner is gone (SIGKILL, power loss).
+const MARKER: &str = "asymlora-merge-owner";
+/// The marker's first line.
+const MARKER_MAGIC: &str = "asymlora merge temporary v1";
+/// Temporaries are `.{OUT name}.asymlora-{random}.tmp`.
+const TEMP_SUFFIX: &str = ".tmp";
+
+fn temp_prefix(out: &Path) -> String {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    format!(".{name}.asymlora-")
+}
+
+/// A hidden name next to `out` for a temporary (or moved-aside) directory.
+fn temp_dir_next_to(out: &Path, suffix: &str) -> Result<tempfile::TempDir> {
+    let parent = parent_of(out);
+    tempfile::Builder::new()
+        .prefix(&temp_prefix(out))
+        .suffix(suffix)
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))
+}
+
+/// The process that owns a temporary, as a later process can recognise it.
+#[derive(Debug, PartialEq)]
+struct Owner {
+    pid: u32,
+    host: String,
+    /// The kernel's boot id: a different one means the owner died in a reboot.
+    boot: String,
+    /// The process's start time (clock ticks since boot): tells a reused PID apart.
+    start: String,
+}
+
+#[cfg(target_os = "linux")]
+fn proc_line(path: &str) -> String {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Field 22 of `/proc/PID/stat` (after the command name, which may hold spaces).
+#[cfg(target_os = "linux")]
+fn start_time(pid: u32) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19).map(str::to_string)
+}
+
+impl Owner {
+    #[cfg(target_os = "linux")]
+    fn current() -> Owner {
+        let pid = std::process::id();
+        Owner {
+            pid,
+            host: proc_line("/proc/sys/kernel/hostname"),
+            boot: proc_line("/proc/sys/kernel/random/boot_id"),
+            start: start_time(pid).unwrap_or_default(),
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn current() -> Owner {
+        Owner {
+            pid: std::process::id(),
+            host: String::new(),
+            boot: String::new(),
+            start: String::new(),
+        }
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "{MARKER_MAGIC}\npid {}\nhost {}\nboot {}\nstart {}\n",
+            self.pid, self.host, self.boot, self.start
+        )
+    }
+
+    fn parse(text: &str) -> Option<Owner> {
+        let mut lines = text.lines();
+        if lines.next()? != MARKER_MAGIC {
+            return None;
+        }
+        let mut field = |key: &str| lines.next()?.strip_prefix(key)?.strip_prefix(' ').map(str::to_string);
+        Some(Owner {
+            pid: field("pid")?.parse().ok()?,
+            host: field("host")?,
+            boot: field("boot")?,
+            start: field("start")?,
+        })
+    }
+
+    /// True only when this owner is certainly not running: same host, and either
+    /// another boot or no live process with its PID and start time. Anything unknown
+    /// (another host, no /proc, another platform) counts as running.
+    #[cfg(target_os = "linux")]
+    fn is_gone(&self) -> bool {
+        let me = Owner::current();
+        if self.host.is_empty() || self.host != me.host || self.boot.is_empty() || me.boot.is_empty() {
+            return false;
+        }
+        if self.boot != me.boot {
+            return true;
+        }
+        let Ok(pid) = libc::pid_t::try_from(self.pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        }
+        start_time(self.pid).is_some_and(|s| !self.start.is_empty() && s != self.start)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn is_gone(&self) -> bool {
+        false
+    }
+}
+
+/// A merge's temporary next to OUT: a marked hidden directory that holds the output
+/// being written (`payload`, named like OUT) until it is renamed to OUT.
+struct Temporary {
+    /// Removed, with whatever is still in it, when dropped.
+    dir: tempfile::TempDir,
+    payload: PathBuf,
+}
+
+impl Temporary {
+    fn create(out: &Path, fsync: bool) -> Result<Temporary> {
+        let dir = temp_dir_next_to(out, TEMP_SUFFIX)?;
+        let marker = dir.path().join(MARKER);
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&marker)
+            .map_err(|e| Error::io(&marker, e))?;
+        std::io::Write::write_all(&mut file, Owner::current().render().as_bytes())
+            .map_err(|e| Error::io(&marker, e))?;
+        if fsync {
+            // So that a temporary which survives a power loss is still recognisable.
+            file.sync_all().map_err(|e| Error::io(&marker, e))?;
+            sync_parent(&marker)?;
+        }
+        let name = out
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_else(|| "out".into());
+        let payload = dir.path().join(name);
+        Ok(Temporary { dir, payload })
+    }
+}
+
+/// Removes the temporaries next to `out` left by merges into `out` whose owner is
+/// gone: entries named `.{OUT}.asymlora-*.tmp` that are directories (not links) holding
+/// a marker file written by this code. Returns a warning naming what was removed.
+fn remove_stale(out: &Path) -> Option<String> {
+    let parent = parent_of(out);
+    let prefix = temp_prefix(out);
+    let mut removed = vec![];
+    for entry in fs::read_dir(&parent).ok()?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let random = name.strip_prefix(&prefix).and_then(|r| r.strip_suffix(TEMP_SUFFIX));
+        if random.is_none_or(|r| r.is_empty()) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let marker = entry.path().join(MARKER);
+        let owner = fs::symlink_metadata(&marker)
+            .ok()
+            .filter(|m| m.is_file() && m.len() < 4096)
+            .and_then(|_| fs::read_to_string(&marker).ok())
+            .and_then(|text| Owner::parse(&text));
+        if let Some(owner) = owner.filter(Owner::is_gone) {
+            if fs::remove_dir_all(entry.path()).is_ok() {
+                removed.push(format!("{name} (process {})", owner.pid));
+            }
+        }
+    }
+    (!removed.is_empty()).then(|| {
+        format!(
+            "removed {} stale temporary output(s) of interrupted merges into {}: {}",
+            removed.len(),
+            out.display(),
+            removed.join(", ")
+        )
+    })
 }
 
 pub(super) fn write(
@@ -590,6 +838,7 @@ pub(super) fn write(
     }
     let ctx = Ctx { loaded, opts, pool };
     let mut counts = Counts::default();
+    counts.warnings.extend(remove_stale(out));
     let mut report = MergeReport {
         out: out.to_path_buf(),
         bytes: totals.bytes,
@@ -602,23 +851,28 @@ pub(super) fn write(
         .count();
 
     if !ck.is_dir {
-        let mut file = AtomicFile::create(out)?;
-        let tmp_path = file.temp_path().to_path_buf();
+        let tmp = Temporary::create(out, opts.fsync)?;
+        let mut file = File::create(&tmp.payload).map_err(|e| Error::io(&tmp.payload, e))?;
         let (shard, sp) = (&ck.shards[0], &plans[0]);
-        stream_to(file.file(), &tmp_path, observer, |stream| {
+        stream_to(&mut file, &tmp.payload, observer, |stream| {
             ctx.shard(stream, shard, sp, &mut counts)
         })?;
-        file.commit(opts.fsync, opts.force)?;
+        drop(file);
+        if observer.cancelled() {
+            return Err(Error::Cancelled);
+        }
+        publish_file(tmp, out, opts.force, opts.fsync)?;
         report.files.push(
             out.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
     } else {
-        let tmp = temp_dir_next_to(out, ".tmp")?;
+        let tmp = Temporary::create(out, opts.fsync)?;
+        fs::create_dir(&tmp.payload).map_err(|e| Error::io(&tmp.payload, e))?;
         let mut written: Vec<PathBuf> = vec![];
         for (shard, sp) in ck.shards.iter().zip(&plans) {
-            let path = tmp.path().join(&shard.name);
+            let path = tmp.payload.join(&shard.name);
             let mut file = File::create(&path).map_err(|e| Error::io(&path, e))?;
             stream_to(&mut file, &path, observer, |stream| {
                 ctx.shard(stream, shard, sp, &mut counts)
@@ -628,7 +882,7 @@ pub(super) fn write(
         }
         if let Some(index) = &ck.index {
             let src = ck.path.join(&index.name);
-            let dst = tmp.path().join(&index.name);
+            let dst = tmp.payload.join(&index.name);
             let (old, new): (u64, u64) = plans.iter().fold((0, 0), |(o, n), p| (o + p.in_data, n + p.out_data));
             if old == new {
                 fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
@@ -651,7 +905,7 @@ pub(super) fn write(
                 .values()
                 .any(|(_, i)| out_dtype(i.dtype, opts.dtype) != i.dtype);
         for other in &ck.copy {
-            let dst = tmp.path().join(&other.name);
+            let dst = tmp.payload.join(&other.name);
             let rewritten = match (opts.dtype, other.name == "config.json" && dtype_changed) {
                 (Some(d), true) => {
                     let text = fs::read_to_string(&other.path).map_err(|e| Error::io(&other.path, e))?;
@@ -685,4 +939,100 @@ pub(super) fn write(
     report.recomputed = counts.recomputed;
     report.warnings = counts.warnings;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_marker_round_trips_and_rejects_other_text() {
+        let me = Owner::current();
+        assert_eq!(Owner::parse(&me.render()), Some(me));
+        assert_eq!(
+            Owner::parse("asymlora merge temporary v2\npid 1\nhost h\nboot b\nstart 1\n"),
+            None
+        );
+        assert_eq!(
+            Owner::parse("asymlora merge temporary v1\npid x\nhost h\nboot b\nstart 1\n"),
+            None
+        );
+        assert_eq!(Owner::parse("asymlora merge temporary v1\npid 1\n"), None);
+        assert_eq!(Owner::parse(""), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn only_an_owner_certainly_gone_is_gone() {
+        let me = Owner::current();
+        assert!(!me.start.is_empty() && !me.boot.is_empty());
+        assert!(!me.is_gone(), "this process is running");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap(); // reaped: the PID names no process now
+        let dead = Owner {
+            pid,
+            ..Owner::current()
+        };
+        assert!(dead.is_gone());
+        let reused = Owner {
+            start: "1".into(),
+            ..Owner::current()
+        };
+        assert!(
+            reused.is_gone(),
+            "a live PID with another start time is another process"
+        );
+        let rebooted = Owner {
+            boot: "another boot".into(),
+            ..Owner::current()
+        };
+        assert!(rebooted.is_gone());
+        let elsewhere = Owner {
+            pid,
+            host: "another host".into(),
+            ..Owner::current()
+        };
+        assert!(!elsewhere.is_gone(), "a process on another host cannot be checked");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn remove_stale_removes_only_marked_temporaries_of_gone_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("model");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let make = |name: &str, marker: Option<String>| {
+            let p = dir.path().join(name);
+            fs::create_dir(&p).unwrap();
+            fs::write(p.join("model"), b"partial").unwrap();
+            if let Some(text) = marker {
+                fs::write(p.join(MARKER), text).unwrap();
+            }
+            p
+        };
+        let dead = Owner {
+            pid: dead_pid,
+            ..Owner::current()
+        }
+        .render();
+        let stale = make(".model.asymlora-aaaaaa.tmp", Some(dead.clone()));
+        let live = make(".model.asymlora-bbbbbb.tmp", Some(Owner::current().render()));
+        let unmarked = make(".model.asymlora-cccccc.tmp", None);
+        let other_out = make(".other.asymlora-dddddd.tmp", Some(dead.clone()));
+        let old = make(".model.asymlora-eeeeee.old", Some(dead.clone()));
+        let garbled = make(".model.asymlora-ffffff.tmp", Some(dead.replace("v1", "v9")));
+        let file = dir.path().join(".model.asymlora-gggggg.tmp");
+        fs::write(&file, dead.as_bytes()).unwrap();
+        let message = remove_stale(&out).expect("one was removed");
+        assert!(message.contains(".model.asymlora-aaaaaa.tmp"), "{message}");
+        assert!(message.contains(&format!("process {dead_pid}")), "{message}");
+        assert!(!stale.exists());
+        for kept in [&live, &unmarked, &other_out, &old, &garbled, &file] {
+            assert!(kept.exists(), "{} was removed", kept.display());
+        }
+        assert_eq!(remove_stale(&out), None, "nothing more to remove");
+    }
 }
