@@ -461,3 +461,22 @@ def test_demo_progress_into_a_log_is_plain_lines_in_order(tmp_path):
     progress = text.index("  head-only lr=0.03 seed 0: step 4/4, loss ")
     assert text.index("model: all-MiniLM-L6-v2") < progress
     assert progress < text.index("  head-only    seed 0: accuracy ")
+
+
+@pytest.mark.slow
+@needs_data
+def test_quick_demo_runs_the_qlora_rows_beside_each_other(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    methods = "asymlora-B-4bit,peft-qlora"
+    proc = _demo("--quick", "--methods", methods, "--steps", "3", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {m["method"]: m for m in json.loads((tmp_path / "demo.json").read_text())["methods"]}
+    assert list(rows) == methods.split(",")
+    head = 384 * 2 + 2
+    d_out = 4 * 384 + 1536 + 384
+    assert rows["asymlora-B-4bit"]["trainable_parameters"] == 6 * RANK * d_out + head
+    ratio = rows["asymlora-B-4bit"]["adapter_bytes"] / rows["peft-qlora"]["adapter_bytes"]
+    assert 0.45 < ratio < 0.55  # B and the seed, nothing of the 4-bit encoder
+    for name, row in rows.items():
+        assert name in proc.stdout
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["median_step_s"] > 0

@@ -32,7 +32,15 @@ from asymlora.demo.data import (
     split_by_movie,
     subsample,
 )
-from asymlora.demo.methods import ALPHA, DEFAULT_METHODS, METHODS, RANK, TARGETS
+from asymlora.demo.methods import (
+    ALPHA,
+    DEFAULT_METHODS,
+    METHODS,
+    QLORA_METHODS,
+    RANK,
+    TARGETS,
+    check_available,
+)
 
 __all__ = ["Preset", "main"]
 
@@ -50,6 +58,8 @@ class Preset:
     plot_steps: int
     #: rows of each task (and as many base-model rows) in the mixed batches
     multi_rows: int
+    #: the methods run unless ``--methods`` says otherwise
+    methods: tuple[str, ...] = DEFAULT_METHODS
 
 
 PRESETS = {
@@ -74,6 +84,8 @@ PRESETS = {
         test_size=None,
         plot_steps=100,
         multi_rows=256,
+        # the QLoRA rows too: on 2 CPU cores they would take the default past 10 minutes
+        methods=DEFAULT_METHODS + QLORA_METHODS,
     ),
 }
 
@@ -95,7 +107,8 @@ def _run(args: argparse.Namespace) -> int:
 
     offline()
     preset = _preset(args)
-    methods = _methods(args.methods)
+    methods = _methods(args.methods, preset)
+    check_available(methods)
     rates = {name: METHODS[name].learning_rate for name in methods} | _rates(args.lr)
     check_requirements()  # after the arguments, before anything imports torch
     device = _device(args.device)
@@ -372,9 +385,9 @@ def _preset(args: argparse.Namespace) -> Preset:
     return preset
 
 
-def _methods(text: str | None) -> list[str]:
+def _methods(text: str | None, preset: Preset) -> list[str]:
     if text is None:
-        return list(DEFAULT_METHODS)
+        return list(preset.methods)
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
@@ -433,7 +446,8 @@ def _parser() -> argparse.ArgumentParser:
         "--full",
         action="store_true",
         help=f"{PRESETS['full'].steps} steps, seeds "
-        f"{','.join(map(str, PRESETS['full'].seeds))}: mean and spread",
+        f"{','.join(map(str, PRESETS['full'].seeds))}: mean and spread; adds the "
+        f"QLoRA rows ({', '.join(QLORA_METHODS)}: bitsandbytes)",
     )
     parser.add_argument(
         "--out",

@@ -6,9 +6,14 @@ classifier head; they differ only in which low-rank factor is trained.
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from asymlora.demo.data import DemoDataError
+from asymlora.demo.model import QUANTIZED_INSTALL, quantize_encoder
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,6 +45,8 @@ class Method:
     #: the sweep's pick (see "How the learning rates were chosen" in docs/demo.md)
     learning_rate: float
     rank: int = RANK
+    #: QLoRA: the encoder's ``TARGETS`` in 4-bit NF4 (bitsandbytes) under the adapters
+    quantized: bool = False
 
     @property
     def alpha(self) -> int:
@@ -60,14 +67,35 @@ METHODS: dict[str, Method] = {
         Method("head-only", "frozen encoder, classifier head trained", "head", HEAD_SWEEP, 3e-2),
         # not run by default: B-only with the trainable-parameter budget of classic LoRA
         Method("asymlora-B-2r", "B-only at twice the rank", "B", LORA_SWEEP, 1e-3, rank=2 * RANK),
+        # QLoRA, in --full: the float counterpart's rate (not swept on the 4-bit base)
+        Method(
+            "asymlora-B-4bit", "B-only on the 4-bit encoder", "B", LORA_SWEEP, 1e-3, quantized=True
+        ),
+        Method(
+            "peft-qlora", "PEFT LoRA on the 4-bit encoder", "peft", LORA_SWEEP, 1e-3, quantized=True
+        ),
     )
 }
 DEFAULT_METHODS = ("asymlora-B", "asymlora-AB", "asymlora-A", "peft-lora", "head-only")
+QLORA_METHODS = ("asymlora-B-4bit", "peft-qlora")
+
+
+def check_available(names: Sequence[str]) -> None:
+    """Raises :class:`DemoDataError` before anything trains if ``names`` holds a 4-bit
+    method and bitsandbytes (optional: the ``quantized`` extra) is not installed."""
+    quantized = [n for n in names if METHODS[n].quantized]
+    if quantized and importlib.util.find_spec("bitsandbytes") is None:
+        raise DemoDataError(
+            f"{', '.join(quantized)} need bitsandbytes: {QUANTIZED_INSTALL} "
+            "(or leave them out with --methods)"
+        )
 
 
 def prepare(name: str, model: nn.Module, seed: int) -> nn.Module:
     """``model`` set up for method ``name``: adapters added, the right parameters trainable."""
     method = METHODS[name]
+    if method.quantized:
+        model = quantize_encoder(model, TARGETS)
     if method.kind == "peft":
         return _peft(model, method, seed)
     if method.kind == "head":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 MAX_LENGTH = 64  # tokens; the snippets average 27, 95% are under 48
+#: what a user without bitsandbytes runs to get the 4-bit (QLoRA) methods
+QUANTIZED_INSTALL = 'pip install "asymlora[quantized]"'
 
 
 def model_path() -> Path:
@@ -63,6 +66,26 @@ def load_classifier(path: Path, seed: int) -> nn.Module:
         id2label=dict(enumerate(LABELS)),
         label2id={name: i for i, name in enumerate(LABELS)},
     )
+
+
+def quantize_encoder(model: nn.Module, targets: Sequence[str]) -> nn.Module:
+    """``model`` with its ``targets`` linear layers (name suffixes, as in ``LoraConfig``)
+    quantised in place to bitsandbytes NF4 with double quantisation, computing in float32
+    (:func:`asymlora.quantize_bnb`): QLoRA's base. The head and the pooler are not
+    targets and stay float."""
+    import torch
+
+    import asymlora
+    from asymlora.lora_config import suffix_matches
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DemoDataError(f"the 4-bit methods need bitsandbytes: {QUANTIZED_INSTALL}")
+    chosen = [
+        name
+        for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and any(suffix_matches(name, t) for t in targets)
+    ]
+    return asymlora.quantize_bnb(model, 4, compute_dtype=torch.float32, modules=chosen)
 
 
 def load_tokenizer(path: Path):

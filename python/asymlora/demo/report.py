@@ -62,8 +62,9 @@ def table(summaries: list[MethodSummary]) -> str:
     """A fixed-width text table, one row per method."""
     seeds = max(len(s.accuracies) for s in summaries)
     accuracy_title = "test acc" if seeds == 1 else f"test acc ({seeds} seeds)"
+    width = max(14, *(len(s.method) for s in summaries))
     head = (
-        f"{'method':<14} {'lr':>7} {accuracy_title:>19} {'trainable':>10} "
+        f"{'method':<{width}} {'lr':>7} {accuracy_title:>19} {'trainable':>10} "
         f"{'adapter bytes':>14} {'step ms':>8} {summaries[0].memory_kind + ' MiB':>17}"
     )
     lines = [head, "-" * len(head)]
@@ -71,7 +72,7 @@ def table(summaries: list[MethodSummary]) -> str:
         acc = f"{s.accuracy:.4f}" + (f" ± {s.spread:.4f}" if s.spread is not None else "")
         size = f"{s.adapter_bytes:,}" if s.adapter_bytes is not None else "-"
         lines.append(
-            f"{s.method:<14} {s.learning_rate:>7.0e} {acc:>19} {s.trainable_parameters:>10,} "
+            f"{s.method:<{width}} {s.learning_rate:>7.0e} {acc:>19} {s.trainable_parameters:>10,} "
             f"{size:>14} {1000 * s.median_step_s:>8.0f} {s.peak_memory_mib:>17.0f}"
         )
     return "\n".join(lines)
