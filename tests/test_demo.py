@@ -480,3 +480,15 @@ def test_quick_demo_runs_the_qlora_rows_beside_each_other(tmp_path):
     for name, row in rows.items():
         assert name in proc.stdout
         assert 0.0 <= row["accuracy"] <= 1.0 and row["median_step_s"] > 0
+
+
+@pytest.mark.parametrize("args", [["--methods", "asymlora-B-4bit"], ["--full"]])
+def test_qlora_rows_without_bitsandbytes_name_the_install_command(
+    monkeypatch, capsys, tmp_path, args
+):
+    _hide_packages(monkeypatch, "bitsandbytes")
+    assert demo.main(["--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert "asymlora-B-4bit" in err and 'pip install "asymlora[quantized]"' in err
+    assert len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # stopped before training anything
