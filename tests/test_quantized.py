@@ -3,10 +3,12 @@ torchao int8 weight-only, all on the CPU, against float64 references and real PE
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import peft
 import pytest
@@ -181,8 +183,6 @@ def test_adapter_trained_on_a_quantized_base_reloads_bit_for_bit_in_a_fresh_proc
     assert not any("weight" in k and "lora" not in k for k in load_file(path))  # B only
     with torch.no_grad():
         logits = model(input_ids=ids()).logits.float()
-    import hashlib
-
     expected = hashlib.sha256(logits.numpy().tobytes()).hexdigest()
     script = _RELOAD.format(tests=str(_tests_dir()), kind=kind, path=str(path))
     out = subprocess.run(
@@ -368,8 +368,6 @@ def _train(model, steps: int) -> None:
 
 
 def _tests_dir():
-    from pathlib import Path
-
     return Path(__file__).resolve().parent
 
 
