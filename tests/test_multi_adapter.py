@@ -272,7 +272,9 @@ def test_mixed_batch_equals_each_row_alone(files, algorithm, dtype):
     base = alone(files, None, dtype)
     with torch.no_grad():
         assert (mixed[0] - base(x[:1]).logits[0]).abs().max() > 10 * tol
-        assert torch.equal(mixed[2], base(x[2:3]).logits[0])  # None: nothing added
+        # None: nothing added (against the base over the same batch: a GEMM row can
+        # round differently with the batch size)
+        assert torch.equal(mixed[2], base(x).logits[2])
     # and the model is as before the block
     assert all(layer.route is None for _, layer in lora_layers(model))
     assert asymlora.active_adapter(model) == "fr"

@@ -132,8 +132,8 @@ def test_wrap_errors_change_nothing():
         asymlora.wrap(model, LoraConfig(target_modules=["qproj"]))
     with pytest.raises(ValueError, match=r"rank 65 exceeds"):
         asymlora.wrap(model, LoraConfig(r=65, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match=r"Embedding is not supported"):
-        asymlora.wrap(model, LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(ValueError, match=r"RMSNorm is not supported"):
+        asymlora.wrap(model, LoraConfig(target_modules=["input_layernorm", "q_proj"]))
     with pytest.raises(ValueError, match=r"modules_to_save \['score'\]"):
         asymlora.wrap(model, LoraConfig(target_modules=["q_proj"], modules_to_save=["score"]))
     with pytest.raises(TypeError, match="LoraConfig"):

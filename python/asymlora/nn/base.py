@@ -15,6 +15,14 @@ kind           layers                                       in-memory merge
                Config())`` and the like)                    quantised with)
 =============  ===========================================  ==============================
 
+Besides linear maps, float ``nn.Embedding`` and ``nn.Conv1d/2d/3d`` layers are bases (the
+layer kinds :data:`LINEAR`, :data:`EMBEDDING`, :data:`CONV`). Each is seen as one matrix
+``W`` (d_out x d_in) so that ``A`` (r x d_in) and ``B`` (d_out x r) mean the same
+everywhere: an embedding's weight (num_embeddings x dim) is ``W`` transposed (d_in is
+the vocabulary), a convolution's weight (c_out, c_in, *kernel) is ``W`` with its rows
+unflattened (d_in = c_in * prod(kernel)). :func:`weight_layout` turns a ``W``-shaped
+delta into the weight's own layout.
+
 A requantised merge is not exact: ``W + s·B·A`` is rounded to the 4- or 8-bit grid again,
 so the merged layer differs from the unmerged one by up to one quantisation step, and an
 unmerge does not give back the original bits. The exact route is offline: ``asymlora
@@ -28,6 +36,7 @@ to dequantise or requantise a layer of theirs, which means they are installed.
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -42,11 +51,19 @@ BNB_4BIT = "bnb-4bit"
 BNB_8BIT = "bnb-8bit"
 TORCHAO = "torchao"
 
+#: Layer kinds: how the matrix ``W`` (d_out x d_in) sits in the base weight. The names are
+#: those adapter files record (``ModuleConfig.kind``).
+LINEAR = "linear"
+EMBEDDING = "embedding"
+CONV = "conv"
+
 #: What can be adapted, for error messages.
 SUPPORTED = (
     "torch.nn.Linear, transformers Conv1D, bitsandbytes Linear4bit and Linear8bitLt, "
-    "nn.Linear with a torchao quantised weight"
+    "nn.Linear with a torchao quantised weight, nn.Embedding, nn.Conv1d/2d/3d"
 )
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 # Class names of quantised linear layers of other libraries (GPTQ, AWQ, HQQ, quanto,
 # EETQ, AQLM, ...): refused by name, so the message says what they are.
@@ -75,6 +92,10 @@ class BaseInfo:
     #: the dtype frozen factors are kept in (trained ones: its master dtype)
     dtype: torch.dtype
     device: torch.device
+    #: :data:`LINEAR`, :data:`EMBEDDING` or :data:`CONV`
+    layer: str = LINEAR
+    #: a convolution's kernel size (empty for the other kinds)
+    kernel: tuple[int, ...] = ()
 
     @property
     def quantized(self) -> bool:
@@ -83,6 +104,8 @@ class BaseInfo:
 
 def describe(module: nn.Module) -> BaseInfo | str:
     """``module`` as a base layer, or why it cannot be one (a one-line reason)."""
+    if isinstance(module, (nn.Embedding, *_CONVS)):
+        return _describe_float_layer(module)
     kind = _kind(module)
     if kind is None:
         name = type(module).__name__
@@ -100,6 +123,41 @@ def describe(module: nn.Module) -> BaseInfo | str:
     )
 
 
+def _describe_float_layer(module: nn.Module) -> BaseInfo | str:
+    # An embedding or a convolution: float weights only, and the forms whose delta is
+    # one low-rank matrix the forward can add.
+    weight = module.weight
+    name = type(module).__name__
+    if not weight.is_floating_point() or _weight_kind(weight) != FLOAT:
+        return f"{name} with a {type(weight).__name__} {weight.dtype} weight is not supported"
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            # F.embedding renormalises the looked-up rows of its weight in place
+            return f"{name} with max_norm={module.max_norm} is not supported"
+        d_in, d_out = module.num_embeddings, module.embedding_dim
+        return BaseInfo(FLOAT, d_in, d_out, False, weight.dtype, weight.device, EMBEDDING)
+    if module.groups != 1:
+        return (
+            f"{name} with groups={module.groups} is not supported: the update of a grouped "
+            "convolution is not one low-rank matrix (PEFT cannot merge it either)"
+        )
+    kernel = tuple(int(k) for k in module.kernel_size)
+    d_in = module.in_channels * math.prod(kernel)
+    return BaseInfo(
+        FLOAT, d_in, module.out_channels, False, weight.dtype, weight.device, CONV, kernel
+    )
+
+
+def weight_layout(base: BaseInfo, delta: torch.Tensor) -> torch.Tensor:
+    """A delta shaped like ``W`` (d_out x d_in) in the layout of ``base``'s weight."""
+    if base.layer == CONV:
+        c_in = base.d_in // math.prod(base.kernel)
+        return delta.reshape(base.d_out, c_in, *base.kernel)
+    if base.layer == EMBEDDING or base.fan_in_fan_out:
+        return delta.t()
+    return delta
+
+
 def info(module: nn.Module) -> BaseInfo:
     """:func:`describe` of a module known to be a base layer (``ValueError`` if not)."""
     found = describe(module)
@@ -109,7 +167,8 @@ def info(module: nn.Module) -> BaseInfo:
 
 
 def is_adaptable_linear(module: nn.Module) -> bool:
-    """True for the linear layers ``target_modules="all-linear"`` selects: every kind here."""
+    """True for the linear layers ``target_modules="all-linear"`` selects: every storage
+    kind of a linear map (not embeddings or convolutions, as in PEFT)."""
     return _kind(module) is not None
 
 
@@ -123,7 +182,8 @@ def is_unsupported_quantized(module: nn.Module) -> bool:
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
-    """The base weight as float32, laid out as stored (d_out x d_in; Conv1D d_in x d_out)."""
+    """The base weight as float32, laid out as stored (d_out x d_in; Conv1D and
+    embeddings d_in x d_out; convolutions c_out x c_in x kernel)."""
     kind = info(module).kind
     weight = module.weight
     if kind == BNB_4BIT:

@@ -103,6 +103,7 @@ def build_layer(
         fan_in_fan_out=target.fan_in_fan_out,
         adapter_name=adapter_name,
         a_identity=spec.a_identity,
+        tied_with=target.tied_with,
     )
 
 

@@ -1,5 +1,9 @@
 """The adapted layer: ``y = base(x) + s * (dropout(x) A^T) B^T``, for one or several adapters.
 
+For an embedding ``x A^T`` is the lookup of the token ids in ``A^T`` (num_embeddings x r);
+for a convolution it is the convolution of ``x`` with ``A`` unflattened to r kernels of
+the base's shape, stride, padding and dilation, and ``B`` acts as a 1x1 convolution.
+
 A :class:`LoraLayer` holds one or more named adapters (branches) around one frozen base
 layer. The adapter named :data:`DEFAULT_ADAPTER` keeps its factors on the layer itself
 (``lora_A``, ``lora_B``: the state-dict keys of a one-adapter model); any other adapter
@@ -10,6 +14,7 @@ generator output (same generator, seed, stream, rank, d_in, dtype and gain: the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Callable
@@ -18,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asymlora.nn.base import add_to_weight
+from asymlora.nn.base import CONV, EMBEDDING, add_to_weight, weight_layout
 from asymlora.nn.base import info as base_info
 
 #: the names of an adapted layer's two factors, as in its state dict
@@ -56,7 +61,8 @@ class _Holder(nn.Module):
 
 class LoraLayer(nn.Module):
     """A frozen ``nn.Linear`` or transformers ``Conv1D`` (float, or quantised by
-    bitsandbytes or torchao: :mod:`asymlora.nn.base`) plus rank-``r`` adapters.
+    bitsandbytes or torchao: :mod:`asymlora.nn.base`), ``nn.Embedding`` or
+    ``nn.Conv1d/2d/3d`` plus rank-``r`` adapters.
 
     ``A`` (r x d_in) and ``B`` (d_out x r) are parameters when trained and buffers
     when frozen, so an optimizer never sees a frozen factor. A frozen ``A`` that the
@@ -88,13 +94,20 @@ class LoraLayer(nn.Module):
         fan_in_fan_out: bool = False,
         adapter_name: str = DEFAULT_ADAPTER,
         a_identity: Hashable | None = None,
+        tied_with: str | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         #: True for GPT-2's ``Conv1D``, whose weight is stored d_in x d_out
         self.fan_in_fan_out = fan_in_fan_out
         base = base_info(base_layer)  # the weight of a quantised layer is packed
+        self._base = base
         self._shape = (base.d_in, base.d_out)
+        #: the module that shares this layer's weight (a tied output head), or None
+        self.tied_with = tied_with
+        # Gemma-style embeddings multiply their rows by embed_scale in forward; the
+        # branch is scaled alike (as PEFT does), so merging W + delta stays equal.
+        self._embed_scale = _embed_scale(base_layer) if base.layer == EMBEDDING else 1.0
         self.dropout: nn.Module = nn.Identity()
         self._branches: dict[str, _Branch] = {}
         self._active: str | None = None
@@ -144,7 +157,9 @@ class LoraLayer(nn.Module):
         if shared is None:
             _register(holder, "lora_A", lora_A, trainable=train_A, persistent=not a_regenerated)
         _register(holder, "lora_B", lora_B, trainable=train_B, persistent=True)
-        holder.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # an embedding's input is token ids: dropout does not apply to it (as in PEFT)
+        dropped = dropout > 0 and self.kind != EMBEDDING
+        holder.dropout = nn.Dropout(dropout) if dropped else nn.Identity()
         identity = a_identity if a_regenerated and not train_A else None
         self._branches[name] = _Branch(
             float(scale), int(stream), bool(a_regenerated), identity, shared or name
@@ -281,6 +296,22 @@ class LoraLayer(nn.Module):
         return AdapterView(self, DEFAULT_ADAPTER)
 
     @property
+    def kind(self) -> str:
+        """The layer kind: ``"linear"``, ``"embedding"`` or ``"conv"``."""
+        return self._base.layer
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """A convolution's kernel size (empty for the other kinds)."""
+        return self._base.kernel
+
+    @property
+    def output_scale(self) -> float:
+        """What the base multiplies its output by besides ``W`` (an embedding's
+        ``embed_scale``, else 1): every branch is scaled alike."""
+        return self._embed_scale
+
+    @property
     def d_in(self) -> int:
         return self._shape[0]
 
@@ -330,12 +361,51 @@ class LoraLayer(nn.Module):
         a = self._holder(branch.a_owner).lora_A
         return self.add_branch(y, holder.dropout(x), a, holder.lora_B, branch.scale)
 
+    def project(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``x A^T`` with the rank last: (..., r) for a linear or embedding, (N, *spatial, r)
+        for a convolution."""
+        if self.kind == EMBEDDING:
+            e = self.base_layer
+            # F.embedding's own gradient rules (padding_idx, scale_grad_by_freq) apply to A
+            return F.embedding(
+                x,
+                _like(a, e.weight).t(),
+                e.padding_idx,
+                None,
+                e.norm_type,
+                e.scale_grad_by_freq,
+                e.sparse,
+            )
+        if self.kind == CONV:
+            c_in = self.d_in // math.prod(self.kernel)
+            kernels = _like(a, x).reshape(a.shape[0], c_in, *self.kernel)
+            if kernels.requires_grad:  # A trained: torch's conv keeps x for A's gradient
+                h = self.base_layer._conv_forward(x, kernels, None)
+            else:
+                h = _frozen_conv(self.base_layer, x, kernels)
+            return h.movedim(self._channel(x), -1)
+        return F.linear(x, _like(a, x))
+
+    def to_output(self, delta: torch.Tensor) -> torch.Tensor:
+        """A delta with the features last (:meth:`project` @ ``B^T``) in the output's layout."""
+        return delta.movedim(-1, self._channel(delta)) if self.kind == CONV else delta
+
+    def _channel(self, t: torch.Tensor) -> int:
+        # the channel dimension of a convolution's input or output: 1, or 0 unbatched
+        return t.dim() - len(self.kernel) - 1
+
     def add_branch(
         self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """``y + scale * (x A^T) B^T``, in place into ``y`` where that is safe."""
-        h = F.linear(x, _like(a, x))
+        h = self.project(x, a)
         b = _like(b, h)
+        scale = scale * self._embed_scale
+        if self.kind == CONV:
+            delta = self.to_output(h @ b.t())
+            if self.may_add_in_place(y, delta):
+                return y.add_(delta, alpha=scale)
+            return y + scale * delta
         y2d, h2d = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
         if self.may_add_in_place(y, b):
             # The base output is a fresh tensor autograd does not keep: adding the branch
@@ -366,8 +436,17 @@ class LoraLayer(nn.Module):
         dequantised, added to and quantised again, or refused
         (:func:`asymlora.nn.base.add_to_weight`)."""
         if self._merged is None and self._active is not None:
+            self._check_untied("merge")
             add_to_weight(self.base_layer, self.adapter(self._active).delta_weight())
             self._merged = self._active
+
+    def _check_untied(self, what: str) -> None:
+        if self.tied_with is not None:
+            raise ValueError(
+                f"cannot {what} into this {type(self.base_layer).__name__}: its weight is tied "
+                f"to {self.tied_with}, which would change too; the adapter changes the input "
+                "embeddings only (untie the weights first: model.config.tie_word_embeddings)"
+            )
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -475,7 +554,11 @@ class AdapterView:
     def delta_weight(self) -> torch.Tensor:
         """``s * B @ A`` in float32, laid out like the base weight."""
         delta = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-        return delta.t() if self.fan_in_fan_out else delta
+        return weight_layout(self.layer._base, delta)
+
+    @property
+    def kind(self) -> str:
+        return self.layer.kind
 
     def __repr__(self) -> str:
         return (
@@ -514,6 +597,57 @@ def _prefix(name: str) -> str:
 
 def _dropout_p(module: nn.Module) -> float:
     return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+def _frozen_conv(conv: nn.Module, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    # The base's convolution (padding mode, stride, padding, dilation) with A's kernels.
+    # With A frozen only the input's gradient is needed, which depends on A alone; torch's
+    # convolution would keep x (N x c_in x ...) for backward anyway, this keeps nothing.
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    return _FrozenConv.apply(x, kernels, conv.stride, padding, conv.dilation)
+
+
+class _FrozenConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernels, stride, padding, dilation):  # type: ignore[override]
+        dims = kernels.dim() - 2
+        ctx.kernels, ctx.geometry, ctx.input_shape = kernels, (stride, padding, dilation), x.shape
+        return _CONV_FNS[dims](x, kernels, None, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        kernels = ctx.kernels
+        stride, padding, dilation = ctx.geometry
+        unbatched = grad.dim() == kernels.dim() - 1
+        if unbatched:
+            grad = grad.unsqueeze(0)
+        shape = (1, *ctx.input_shape) if unbatched else ctx.input_shape
+        grad_x = _CONV_INPUT_GRADS[kernels.dim() - 2](
+            shape, kernels, grad, stride, padding, dilation
+        )
+        return (grad_x[0] if unbatched else grad_x), None, None, None, None
+
+
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT_GRADS = {
+    1: torch.nn.grad.conv1d_input,
+    2: torch.nn.grad.conv2d_input,
+    3: torch.nn.grad.conv3d_input,
+}
+
+
+def _embed_scale(embedding: nn.Module) -> float:
+    scale = getattr(embedding, "embed_scale", None)
+    if scale is None:
+        return 1.0
+    if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+        raise ValueError(f"embed_scale of {type(embedding).__name__} is not a scalar")
+    return float(scale)
 
 
 def _like(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

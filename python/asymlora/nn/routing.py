@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from asymlora.nn.base import CONV
 from asymlora.nn.layer import LoraLayer
 
 #: how a mixed batch applies its B factors: "gather" (one bmm over per-row B) or
@@ -119,7 +119,9 @@ class _LayerPlan:
         for name in present:
             key = name if dropout_on else views[name].a_owner
             by_a.setdefault(key, []).append(name)
-        device, dtype = x.device, x.dtype
+        # an embedding's input is token ids: its branch computes in the weight's dtype
+        dtype = x.dtype if x.is_floating_point() else layer.base_layer.weight.dtype
+        device = x.device
         groups = []
         for names in by_a.values():
             first = views[names[0]]
@@ -137,7 +139,9 @@ class _LayerPlan:
             # every entry of the context, for every adapted layer. The scale multiplies
             # B in float32 (its master); the product is rounded once to the batch's dtype.
             b_all = torch.stack([views[n].lora_B.detach().float() for n in names])
-            scales = torch.tensor([views[n].scale for n in names], dtype=b_all.dtype)
+            scales = torch.tensor(
+                [views[n].scale * layer.output_scale for n in names], dtype=b_all.dtype
+            )
             scaled = (b_all * scales.to(b_all.device).view(-1, 1, 1)).to(device, dtype)
             stack = torch.cat([scaled, scaled.new_zeros(1, *scaled.shape[1:])])
             members = []
@@ -176,18 +180,29 @@ class _LayerPlan:
                 b, scale = group.whole
                 return layer.add_branch(y, group.dropout(x), group.a, b, scale)
             xg = x if group.rows is None else x.index_select(0, group.rows)
-            h = F.linear(group.dropout(xg), group.a)
-            h3 = h.reshape(h.shape[0], -1, h.shape[-1])  # rows x tokens x r
+            h = layer.project(group.dropout(xg), group.a)
+            h3 = h.reshape(h.shape[0], -1, h.shape[-1])  # rows x tokens (positions) x r
             if self.algorithm == "gather":
                 bt = group.bt_rows
                 if bt is None:
                     bt = group.b_stack.index_select(0, group.slots).transpose(1, 2)
-                y = _add_bmm(layer, y, group.rows, h3, bt)
+                if layer.kind == CONV:  # channels first: no in-place GEMM into y
+                    y = _add_rows(layer, y, group.rows, _output(layer, torch.bmm(h3, bt), h))
+                else:
+                    y = _add_bmm(layer, y, group.rows, h3, bt)
             else:
                 for index, b in group.members:
                     rows = index if group.rows is None else group.rows.index_select(0, index)
-                    y = _add_rows(layer, y, rows, h3.index_select(0, index) @ b.t())
+                    delta = _output(layer, h3.index_select(0, index) @ b.t(), h)
+                    y = _add_rows(layer, y, rows, delta)
         return y
+
+
+def _output(layer: LoraLayer, delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    # rows x positions x d_out in the layer's output layout (a convolution: channels first)
+    if layer.kind != CONV:
+        return delta
+    return layer.to_output(delta.reshape(delta.shape[0], *h.shape[1:-1], delta.shape[-1]))
 
 
 def _add_bmm(

@@ -13,7 +13,13 @@ from torch import nn
 
 from asymlora._validate import list_problems
 from asymlora.lora_config import ALL_LINEAR, LoraConfig
-from asymlora.nn.base import BaseInfo, describe, is_adaptable_linear, is_unsupported_quantized
+from asymlora.nn.base import (
+    EMBEDDING,
+    BaseInfo,
+    describe,
+    is_adaptable_linear,
+    is_unsupported_quantized,
+)
 from asymlora.nn.layer import LoraLayer
 
 
@@ -30,6 +36,8 @@ class Target:
     fan_in_fan_out: bool
     #: the base layer's kind, factor dtype and device
     base: BaseInfo
+    #: the output head that shares this embedding's weight (tied embeddings), else None
+    tied_with: str | None = None
 
 
 def find_targets(model: nn.Module, config: LoraConfig, *, adapted: bool = False) -> list[Target]:
@@ -81,7 +89,8 @@ def as_target(
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its out_proj weight directly; it cannot be wrapped"
-    return Target(name, module, base.d_in, base.d_out, base.fan_in_fan_out, base)
+    tied = _tied_head(model, module) if base.layer == EMBEDDING else None
+    return Target(name, module, base.d_in, base.d_out, base.fan_in_fan_out, base, tied)
 
 
 def modules_to_save(model: nn.Module, config: LoraConfig, targeted: set[str]) -> list[nn.Module]:
@@ -144,6 +153,15 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _inside_saved(name: str, config: LoraConfig) -> bool:
     parts = name.split(".")
     return any(config.saves(".".join(parts[:i])) for i in range(1, len(parts)))
+
+
+def _tied_head(model: nn.Module, embedding: nn.Module) -> str | None:
+    # The name of another module whose weight is this embedding's weight tensor.
+    weight = embedding.weight
+    for name, module in model.named_modules():
+        if module is not embedding and getattr(module, "weight", None) is weight:
+            return name or type(model).__name__
+    return None
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
