@@ -50,14 +50,7 @@ fn base_tensors(dtype: St, seed: u64) -> Vec<(String, OwnedTensor)> {
 }
 
 fn module_config(d_in: usize, d_out: usize, stream: u64) -> ModuleConfig {
-    ModuleConfig {
-        d_in,
-        d_out,
-        stream,
-        a_stored: false,
-        rank: None,
-        alpha: None,
-    }
+    ModuleConfig::linear(d_in, d_out, stream, false)
 }
 
 /// A seed-plus-B adapter on MODULES (rank 4, alpha 8; `up_proj` with rank 6 and its
