@@ -19,6 +19,7 @@ __all__ = [
     "PEFT_KEY_PREFIX",
     "PEFT_PICKLE_WEIGHTS_NAME",
     "PEFT_WEIGHTS_NAME",
+    "KINDS",
     "SCALINGS",
     "AdapterFile",
     "AdapterFormatError",
@@ -48,6 +49,7 @@ __all__ = [
 GENERATORS: list[str]
 FORMAT_VERSION: str
 SCALINGS: list[str]
+KINDS: list[str]
 PEFT_CONFIG_NAME: str
 PEFT_WEIGHTS_NAME: str
 PEFT_PICKLE_WEIGHTS_NAME: str

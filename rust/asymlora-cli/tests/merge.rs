@@ -63,14 +63,7 @@ fn adapter(path: &Path, layers: usize, rows: usize, cols: usize) {
         let m = format!("layers.{l}.proj");
         modules.insert(
             m.clone(),
-            ModuleConfig {
-                d_in: cols,
-                d_out: rows,
-                stream: l as u64,
-                a_stored: false,
-                rank: None,
-                alpha: None,
-            },
+            ModuleConfig::linear(cols, rows, l as u64, false),
         );
         let b = values(rows * 8, 1000 + l as u64, 0.1);
         let data: Vec<u8> = b.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect();

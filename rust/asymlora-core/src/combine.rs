@@ -201,6 +201,13 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
             }
             let terms = modules.entry(name.clone()).or_default();
             if let Some(first) = terms.first() {
+                if (first.d_out, first.d_in) != (term.d_out, term.d_in) {
+                    problems.push(format!(
+                        "module {name} is {} x {} (d_out x d_in) in {} but {} x {} in {}",
+                        first.d_out, first.d_in, inputs[first.input].label, term.d_out, term.d_in, input.label
+                    ));
+                    continue;
+                }
                 if first.placement != term.placement {
                     problems.push(format!(
                         "module {name} is a {} in {} but a {} in {}",
@@ -208,13 +215,6 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
                         inputs[first.input].label,
                         term.placement.describe(),
                         input.label
-                    ));
-                    continue;
-                }
-                if (first.d_out, first.d_in) != (term.d_out, term.d_in) {
-                    problems.push(format!(
-                        "module {name} is {} x {} (d_out x d_in) in {} but {} x {} in {}",
-                        first.d_out, first.d_in, inputs[first.input].label, term.d_out, term.d_in, input.label
                     ));
                     continue;
                 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use asymlora_core::adapter::{
-    render_inspect, validate_config, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, Scaling,
+    render_inspect, validate_config, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, ModuleKind, Scaling,
     TensorInfo,
 };
 use asymlora_core::Error;
@@ -130,5 +130,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scale, m)?)?;
     m.add_function(wrap_pyfunction!(scaling_name, m)?)?;
     m.add("SCALINGS", Scaling::ALL.map(Scaling::name).to_vec())?;
+    m.add("KINDS", ModuleKind::ALL.map(ModuleKind::name).to_vec())?;
     Ok(())
 }
