@@ -9,9 +9,19 @@
 //! `fan_in_fan_out` means the base stores the weight transposed (GPT-2's `Conv1D`).
 //! Tensors of `modules_to_save` replace the base model's tensors of the same name.
 //!
+//! Other kinds, in PEFT's own layouts: `nn.Embedding` LoRA as `{m}.lora_embedding_A`
+//! (r x num_embeddings) and `{m}.lora_embedding_B` (dim x r), the weight being `W^T`;
+//! convolutions as `lora_A.weight` (r, c_in, *kernel) and `lora_B.weight` (c_out, r, 1..),
+//! flattened to matrices; `target_parameters` as `ParamWrapper`s on the parameter's
+//! module, `lora_A.weight` (E r x d_in) and `lora_B.weight` (d_out x r E, interleaved:
+//! expert `e`'s column `k` is `k E + e`), nested under `.base_layer` when one module has
+//! several targeted parameters (the last in `target_parameters` outermost). The copy of
+//! an embedding weight `save_embedding_layers` adds (`{m}.base_layer.weight`) is ignored
+//! with a warning.
+//!
 //! Refused, with a message naming the reason: other PEFT methods, DoRA and the other
-//! LoRA variants that change the computation, trained biases, embedding or convolution
-//! LoRA, non-float (quantised) factors, a pickled `adapter_model.bin` only. The merge,
+//! LoRA variants that change the computation, trained biases, non-float (quantised)
+//! factors, a pickled `adapter_model.bin` only. The merge,
 //! `import_peft` and the CLI all read through [`PeftAdapter::open`], so a directory
 //! gets the same verdict and message everywhere.
 

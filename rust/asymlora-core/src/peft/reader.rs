@@ -730,8 +730,14 @@ impl PeftAdapter {
             let Some(target) = targets.get(&wrapper) else {
                 continue; // a problem is already recorded
             };
-            let (Some(a_key), Some(b_key)) = (factors.a, factors.b) else {
-                problems.push(format!("{wrapper}: lora_A or lora_B is missing"));
+            let (Some(a_key), Some(b_key)) = (factors.a.clone(), factors.b.clone()) else {
+                let (a, b) = if factors.embedding {
+                    ("lora_embedding_A", "lora_embedding_B")
+                } else {
+                    ("lora_A.weight", "lora_B.weight")
+                };
+                let missing = if factors.a.is_none() { a } else { b };
+                problems.push(format!("{wrapper}: {missing} is missing"));
                 continue;
             };
             match check_module(&file, target, a_key, b_key, &rules, &config_path)? {
