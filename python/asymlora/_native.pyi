@@ -17,6 +17,7 @@ __all__ = [
     "GENERATORS",
     "PEFT_CONFIG_NAME",
     "PEFT_KEY_PREFIX",
+    "PEFT_PARAMETER_ORDER",
     "PEFT_PICKLE_WEIGHTS_NAME",
     "PEFT_WEIGHTS_NAME",
     "KINDS",
@@ -54,6 +55,7 @@ PEFT_CONFIG_NAME: str
 PEFT_WEIGHTS_NAME: str
 PEFT_PICKLE_WEIGHTS_NAME: str
 PEFT_KEY_PREFIX: str
+PEFT_PARAMETER_ORDER: list[str]
 
 class AsymloraError(Exception):
     """Base of every error asymlora raises about adapters, checkpoints and files it refuses."""

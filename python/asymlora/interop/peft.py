@@ -84,7 +84,8 @@ def export_peft(
     the module's parameter order, the last outermost (keys ``{module}.lora_A.weight``,
     ``{module}.base_layer.lora_A.weight``, ...): that order is read from ``model`` when
     given, else taken to be transformers' experts order (``gate_up_proj``, ``gate_proj``,
-    ``up_proj`` before ``down_proj``, others by name).
+    ``up_proj`` before ``down_proj``, others by name), the order ``import_peft`` and the
+    merge read nested wrappers in.
 
     The directory is built next to ``out_dir`` and renamed into place at the end, so a
     failure leaves nothing under ``out_dir``.
@@ -248,8 +249,9 @@ def _parameter_tensors(adapter: Any, name: str, depth: int) -> dict[str, np.ndar
     return {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
 
 
-# Order transformers' MoE expert modules register their parameters in.
-_EXPERT_PARAMETER_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
+# Order transformers' MoE expert modules register their parameters in (the core's rule,
+# which its PEFT reader follows too).
+_EXPERT_PARAMETER_ORDER = tuple(_native.PEFT_PARAMETER_ORDER)
 
 
 def _parameter_order(names: list[str], model: Any) -> dict[str, int]:
@@ -367,7 +369,9 @@ def import_peft(peft_dir: PathLike, path: PathLike, *, seed: int = 0) -> Path:
     ``"conv"`` and ``"parameter"`` (named by the full parameter name; experts' factors as
     ``(E, r, d_in)`` and ``(E, d_out, r)``). A PEFT directory does not record a parameter's
     ``is_transposed``; parameters are read as ``[E, d_out, d_in]`` (Mixtral, Qwen3-MoE).
-    Nested wrappers of one module are taken to follow ``target_parameters``' order.
+    Nested wrappers of one module are taken to follow transformers' experts order
+    (``gate_up_proj``, ``gate_proj``, ``up_proj``, then ``down_proj``, others by name): PEFT
+    saves ``target_parameters`` in no fixed order.
     Dtypes are kept bit for bit. Load the result with
     :func:`asymlora.load_adapter` into the same base model. Integer tensors of
     ``modules_to_save`` (counters such as BatchNorm's ``num_batches_tracked``) are

@@ -112,7 +112,7 @@ fn check_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
         return Err(rep.err("config.modules", "is empty: an adapter adapts at least one module"));
     }
     // Non-stored modules' stream ranges [stream, stream + blocks), to check for overlaps.
-    let mut ranges: Vec<(u64, u64, &str)> = vec![];
+    let mut ranges: Vec<(u128, u128, &str)> = vec![];
     for (name, m) in &config.modules {
         let at = |field: &str| format!("module {name:?}: {field}");
         if name.is_empty() {
@@ -158,28 +158,28 @@ fn check_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
                     ),
                 ));
             }
-            let end = m.stream.checked_add(blocks as u64).ok_or_else(|| {
+            let last = m.stream.checked_add(blocks as u64 - 1).ok_or_else(|| {
                 rep.err(
                     at("stream"),
                     format!(
-                        "stream {} + {blocks} experts passes 2^64: expert streams stream..stream+experts must fit in 64 bits",
+                        "stream {} + {blocks} experts passes 2^64 - 1: every expert stream must fit in 64 bits",
                         m.stream
                     ),
                 )
             })?;
-            ranges.push((m.stream, end, name));
+            ranges.push((m.stream.into(), u128::from(last) + 1, name));
         }
     }
     check_stream_ranges(rep, &mut ranges)
 }
 
 /// Generated `A`s need distinct streams: a module uses `[stream, stream + experts)`.
-fn check_stream_ranges(rep: &Reporter<'_>, ranges: &mut [(u64, u64, &str)]) -> Result<()> {
+fn check_stream_ranges(rep: &Reporter<'_>, ranges: &mut [(u128, u128, &str)]) -> Result<()> {
     ranges.sort();
     for pair in ranges.windows(2) {
         let ((s0, e0, first), (s1, e1, second)) = (pair[0], pair[1]);
         if s1 < e0 {
-            let shown = |s: u64, e: u64| {
+            let shown = |s: u128, e: u128| {
                 if e - s == 1 {
                     format!("stream {s}")
                 } else {

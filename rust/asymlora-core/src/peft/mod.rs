@@ -36,5 +36,18 @@ pub use reader::{is_integer, peft_dir, PeftAdapter, PeftModule};
 pub const CONFIG_NAME: &str = "adapter_config.json";
 pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
 pub const PICKLE_WEIGHTS_NAME: &str = "adapter_model.bin";
+/// The order in which a module's parameters are taken to be registered, which is the
+/// order PEFT nests their `ParamWrapper`s in (the last outermost): transformers' MoE
+/// experts register `gate_up_proj` (or `gate_proj`, `up_proj`) before `down_proj`; other
+/// names follow, by name. A PEFT directory records neither that order nor a usable one
+/// (`target_parameters` is saved in no fixed order).
+pub const PARAMETER_ORDER: [&str; 4] = ["gate_up_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Sorts parameter names of one module by [`PARAMETER_ORDER`], then by name.
+pub fn sort_parameters(params: &mut [String]) {
+    let rank = |p: &String| PARAMETER_ORDER.iter().position(|k| k == p).unwrap_or(PARAMETER_ORDER.len());
+    params.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)));
+}
+
 /// The prefix `PeftModel.save_pretrained` gives every tensor key.
 pub const KEY_PREFIX: &str = "base_model.model.";

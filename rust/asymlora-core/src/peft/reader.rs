@@ -488,6 +488,53 @@ fn target_parameters(config: &Config, config_path: &Path) -> Result<Vec<String>>
     }
 }
 
+/// PEFT's `target_modules` rule: a list entry names a module equal to it or ending in
+/// `.{entry}`; a string is a regex the whole name must match.
+struct TargetModules {
+    names: Vec<String>,
+    regex: Option<Regex>,
+    all_linear: bool,
+}
+
+impl TargetModules {
+    fn read(config: &Config, config_path: &Path) -> Result<TargetModules> {
+        let mut t = TargetModules {
+            names: vec![],
+            regex: None,
+            all_linear: false,
+        };
+        match config.get("target_modules") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "all-linear" => t.all_linear = true,
+            Some(Value::String(s)) => {
+                t.regex = Some(Regex::new(&format!("^(?:{s})$")).map_err(|e| {
+                    format_err(config_path, "target_modules", format!("not a regex PEFT could match: {e}"))
+                })?)
+            }
+            Some(Value::Array(items)) => {
+                t.names = items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            }
+            Some(v) => {
+                return Err(format_err(
+                    config_path,
+                    "target_modules",
+                    format!("must be a list of module names or a regex, got {v}"),
+                ))
+            }
+        }
+        Ok(t)
+    }
+
+    fn matches(&self, module: &str) -> bool {
+        self.all_linear
+            || self.regex.as_ref().is_some_and(|r| r.is_match(module))
+            || self
+                .names
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}")))
+    }
+}
+
 /// What one wrapper module's factors adapt: its own weight (a layer), or a parameter.
 enum Target {
     Layer { module: String, embedding: bool },
@@ -496,22 +543,31 @@ enum Target {
 
 /// Pairs each wrapper module with what it adapts. Nested `ParamWrapper`s of one module
 /// wrap its targeted parameters in the module's parameter order, the last outermost;
-/// that order is taken to be the order of `target_parameters` in the config.
+/// that order is taken to be [`super::PARAMETER_ORDER`].
 fn resolve_targets(
     factors: &BTreeMap<String, FactorKeys>,
     targets: &[String],
+    layers: &TargetModules,
     problems: &mut Vec<String>,
 ) -> BTreeMap<String, Target> {
-    let mut depths: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for wrapper in factors.keys() {
+    // A module of target_modules is a layer (its own LoRA); PEFT wraps its parameters
+    // only around it, under .base_layer.
+    let is_layer = |wrapper: &str, keys: &FactorKeys| {
         let (module, depth) = unwrap_base_layers(wrapper);
-        depths.entry(module).or_default().push(depth);
+        keys.embedding || (depth == 0 && layers.matches(module)) || targeted_parameters(module, targets).is_empty()
+    };
+    let mut depths: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (wrapper, keys) in factors {
+        if !is_layer(wrapper, keys) {
+            let (module, depth) = unwrap_base_layers(wrapper);
+            depths.entry(module).or_default().push(depth);
+        }
     }
     let mut out = BTreeMap::new();
     for (wrapper, keys) in factors {
         let (module, depth) = unwrap_base_layers(wrapper);
         let params = targeted_parameters(module, targets);
-        if keys.embedding || params.is_empty() {
+        if is_layer(wrapper, keys) {
             if depth > 0 {
                 problems.push(format!(
                     "{wrapper}: LoRA factors on a nested base_layer, but no entry of target_parameters names a \
@@ -528,6 +584,8 @@ fn resolve_targets(
             );
             continue;
         }
+        let mut params = params;
+        super::sort_parameters(&mut params);
         let n = depths[module].len();
         let contiguous = (0..n).all(|d| depths[module].contains(&d));
         if params.len() != n || !contiguous {
@@ -724,7 +782,8 @@ impl PeftAdapter {
         let mut problems = vec![];
         let mut warnings = warnings;
         let keys = classify_keys(&file, &saved, &mut problems);
-        let targets = resolve_targets(&keys.factors, &params, &mut problems);
+        let layers = TargetModules::read(&config, &config_path)?;
+        let targets = resolve_targets(&keys.factors, &params, &layers, &mut problems);
         let mut modules = BTreeMap::new();
         for (wrapper, factors) in keys.factors {
             let Some(target) = targets.get(&wrapper) else {
