@@ -64,7 +64,7 @@ class Layers(torch.nn.Module):
         self.c3 = torch.nn.Conv3d(2, 4, (2, 2, 3))
         self.lin = torch.nn.Linear(24, 12)
 
-    def forward(self, ids, x1, x2, x3):  # noqa: D102
+    def forward(self, ids, x1, x2, x3):
         return (
             self.lin(self.emb(ids)).sum()
             + self.c1(x1).sum()
@@ -268,7 +268,9 @@ def test_expert_streams_must_not_overlap(tmp_path):
         "b": ModuleConfig(d_in=8, d_out=4, stream=3),
     }
     config = AdapterConfig(rank=2, alpha=1.0, seed=0, modules=modules)
-    with pytest.raises(AdapterFormatError, match=r'module "b": stream: stream 3 overlaps streams 0..4'):
+    with pytest.raises(
+        AdapterFormatError, match=r'module "b": stream: stream 3 overlaps streams 0..4'
+    ):
         asymlora.write_adapter(tmp_path / "a.safetensors", config, {})
 
 

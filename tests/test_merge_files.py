@@ -21,11 +21,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from _reference import round_once as _round_once
 
 import asymlora
 from asymlora import AdapterConfig, ModuleConfig
 from asymlora._safetensors import SafetensorsFile
-from _reference import round_once as _round_once
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

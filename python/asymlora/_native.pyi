@@ -15,12 +15,12 @@ import numpy.typing as npt
 __all__ = [
     "FORMAT_VERSION",
     "GENERATORS",
+    "KINDS",
     "PEFT_CONFIG_NAME",
     "PEFT_KEY_PREFIX",
     "PEFT_PARAMETER_ORDER",
     "PEFT_PICKLE_WEIGHTS_NAME",
     "PEFT_WEIGHTS_NAME",
-    "KINDS",
     "SCALINGS",
     "AdapterFile",
     "AdapterFormatError",

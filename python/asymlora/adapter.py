@@ -67,11 +67,11 @@ class ModuleConfig:
         return 1 if self.experts is None else self.experts
 
     def a_shape(self, rank: int) -> tuple[int, ...]:
-        """Shape of ``{module}.lora_A`` at rank ``rank``: ``(E, r, d_in)`` for experts, else ``(r, d_in)``."""
+        """Shape of ``{module}.lora_A`` at rank ``rank``: ``(E, r, d_in)`` with experts."""
         return (rank, self.d_in) if self.experts is None else (self.experts, rank, self.d_in)
 
     def b_shape(self, rank: int) -> tuple[int, ...]:
-        """Shape of ``{module}.lora_B`` at rank ``rank``: ``(E, d_out, r)`` for experts, else ``(d_out, r)``."""
+        """Shape of ``{module}.lora_B`` at rank ``rank``: ``(E, d_out, r)`` with experts."""
         return (self.d_out, rank) if self.experts is None else (self.experts, self.d_out, rank)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +96,9 @@ class ModuleConfig:
         for k in self.kernel or ():
             check_uint(f"module {name!r}: kernel", k)
         if self.kind not in KINDS:
-            raise ValueError(f"module {name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+            raise ValueError(
+                f"module {name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}"
+            )
         if self.alpha is not None:
             check_finite(f"module {name!r}: alpha", self.alpha)
 
@@ -159,7 +161,9 @@ class AdapterConfig:
     @classmethod
     def from_json(cls, text: str) -> AdapterConfig:
         data = json.loads(text)
-        modules = {name: ModuleConfig(**_module_fields(m)) for name, m in data.pop("modules").items()}
+        modules = {
+            name: ModuleConfig(**_module_fields(m)) for name, m in data.pop("modules").items()
+        }
         data["full_tensors"] = tuple(data.get("full_tensors", ()))
         return cls(modules=modules, **data)
 

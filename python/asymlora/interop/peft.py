@@ -262,7 +262,9 @@ def _parameter_order(names: list[str], model: Any) -> dict[str, int]:
     for name in names:
         module, _, param = name.rpartition(".")
         if not module:
-            raise ValueError(f"parameter {name!r} belongs to no module; PEFT targets module parameters")
+            raise ValueError(
+                f"parameter {name!r} belongs to no module; PEFT targets module parameters"
+            )
         by_module.setdefault(module, []).append(param)
     out: dict[str, int] = {}
     for module, params in by_module.items():

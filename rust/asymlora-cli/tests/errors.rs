@@ -31,10 +31,7 @@ fn adapter_config() -> AdapterConfig {
         generator: "haar-v1".into(),
         a_dtype: Dtype::F32,
         a_gain: 1.0,
-        modules: BTreeMap::from([(
-            "proj".to_string(),
-            ModuleConfig::linear(8, 6, 0, false),
-        )]),
+        modules: BTreeMap::from([("proj".to_string(), ModuleConfig::linear(8, 6, 0, false))]),
         full_tensors: vec![],
         base_model: None,
     }

@@ -268,7 +268,11 @@ impl Loaded {
         let experts = m.placement.blocks();
         let b = if m.b_interleaved {
             // element (i, k) of B_e is B[i, k * E + e] of the (d_out, r * E) tensor
-            self.elements(&m.b_key, |n| (n / r) * r * experts + (n % r) * experts + block, d_out * r)?
+            self.elements(
+                &m.b_key,
+                |n| (n / r) * r * experts + (n % r) * experts + block,
+                d_out * r,
+            )?
         } else {
             self.run(&m.b_key, block * d_out * r, d_out * r)?
         };

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use asymlora_core::adapter::{
-    render_inspect, validate_config, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, ModuleKind, Scaling,
-    TensorInfo,
+    render_inspect, validate_config, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, ModuleKind,
+    Scaling, TensorInfo,
 };
 use asymlora_core::Error;
 use pyo3::prelude::*;

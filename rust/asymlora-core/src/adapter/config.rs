@@ -157,7 +157,11 @@ pub struct ModuleConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
     /// How `W` sits in the base tensor (omitted: linear).
-    #[serde(default, skip_serializing_if = "ModuleKind::is_linear", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "ModuleKind::is_linear",
+        deserialize_with = "null_as_default"
+    )]
     pub kind: ModuleKind,
     /// Conv only: the kernel size (1 to 3 integers); `d_in = c_in * prod(kernel)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -2,8 +2,8 @@
 
 use std::fmt::Write;
 
-use super::file::AdapterFile;
 use super::config::ModuleConfig;
+use super::file::AdapterFile;
 use super::lora_b_name;
 
 /// Bytes in a human unit, e.g. `12.3 MiB`.

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use safetensors::Dtype as StDtype;
 
-use super::config::{AdapterConfig, ModuleConfig, ModuleKind, FORMAT_NAME, FORMAT_VERSION, META_CONFIG, META_FORMAT, META_VERSION};
+use super::config::{
+    AdapterConfig, ModuleConfig, ModuleKind, FORMAT_NAME, FORMAT_VERSION, META_CONFIG, META_FORMAT, META_VERSION,
+};
 use super::{lora_a_name, lora_b_name};
 use crate::error::{Error, Result};
 use crate::orthogonal::Generator;
@@ -140,8 +142,7 @@ fn check_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
                 ));
             }
             let blocks = m.blocks();
-            if r
-                .checked_mul(m.d_in)
+            if r.checked_mul(m.d_in)
                 .and_then(|n| n.checked_mul(blocks))
                 .is_none_or(|n| n > MAX_GENERATED_A_ELEMENTS)
             {
@@ -187,7 +188,11 @@ fn check_stream_ranges(rep: &Reporter<'_>, ranges: &mut [(u128, u128, &str)]) ->
                 }
             };
             // Name the module later in name order, as a walk over the modules would.
-            let (name, other) = if first < second { (second, first) } else { (first, second) };
+            let (name, other) = if first < second {
+                (second, first)
+            } else {
+                (first, second)
+            };
             return Err(rep.err(
                 format!("module {name:?}: stream"),
                 format!(
@@ -216,15 +221,14 @@ fn check_kind_fields(rep: &Reporter<'_>, name: &str, m: &ModuleConfig) -> Result
         return Err(only("transposed", "\"parameter\""));
     }
     if m.kind == ModuleKind::Conv {
-        let kernel = m
-            .kernel
-            .as_ref()
-            .ok_or_else(|| rep.err(at("kernel"), "missing: a conv module needs its kernel size (1 to 3 integers)"))?;
-        if kernel.is_empty() || kernel.len() > 3 || kernel.contains(&0) {
-            return Err(rep.err(
+        let kernel = m.kernel.as_ref().ok_or_else(|| {
+            rep.err(
                 at("kernel"),
-                format!("must be 1 to 3 integers >= 1, got {kernel:?}"),
-            ));
+                "missing: a conv module needs its kernel size (1 to 3 integers)",
+            )
+        })?;
+        if kernel.is_empty() || kernel.len() > 3 || kernel.contains(&0) {
+            return Err(rep.err(at("kernel"), format!("must be 1 to 3 integers >= 1, got {kernel:?}")));
         }
         let taps = kernel.iter().try_fold(1usize, |acc, &k| acc.checked_mul(k));
         if taps.is_none_or(|t| m.d_in % t != 0) {

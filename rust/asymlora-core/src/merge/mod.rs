@@ -250,7 +250,11 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
                 problems.push(format!(
                     "{label}: module {} has no {} {target} in the base",
                     m.module,
-                    if place.kind == ModuleKind::Parameter { "parameter" } else { "weight" }
+                    if place.kind == ModuleKind::Parameter {
+                        "parameter"
+                    } else {
+                        "weight"
+                    }
                 ));
                 missing.push(m.module.clone());
                 continue;

@@ -69,10 +69,7 @@ fn deinterleave(b: OwnedTensor, d_out: usize, r: usize, experts: usize) -> Owned
             }
         }
     }
-    OwnedTensor {
-        data: out,
-        ..b
-    }
+    OwnedTensor { data: out, ..b }
 }
 
 fn copy_tensor(adapter: &PeftAdapter, key: &str, name: &str) -> Result<OwnedTensor> {

@@ -45,7 +45,12 @@ pub const PARAMETER_ORDER: [&str; 4] = ["gate_up_proj", "gate_proj", "up_proj", 
 
 /// Sorts parameter names of one module by [`PARAMETER_ORDER`], then by name.
 pub fn sort_parameters(params: &mut [String]) {
-    let rank = |p: &String| PARAMETER_ORDER.iter().position(|k| k == p).unwrap_or(PARAMETER_ORDER.len());
+    let rank = |p: &String| {
+        PARAMETER_ORDER
+            .iter()
+            .position(|k| k == p)
+            .unwrap_or(PARAMETER_ORDER.len())
+    };
     params.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)));
 }
 

@@ -508,7 +508,11 @@ impl TargetModules {
             Some(Value::String(s)) if s == "all-linear" => t.all_linear = true,
             Some(Value::String(s)) => {
                 t.regex = Some(Regex::new(&format!("^(?:{s})$")).map_err(|e| {
-                    format_err(config_path, "target_modules", format!("not a regex PEFT could match: {e}"))
+                    format_err(
+                        config_path,
+                        "target_modules",
+                        format!("not a regex PEFT could match: {e}"),
+                    )
                 })?)
             }
             Some(Value::Array(items)) => {
@@ -669,7 +673,11 @@ impl RankRules {
 
 /// The rank-r product a module's factors form: `(r, d_in, d_out, kernel)`, or why not.
 /// `A` is `(r, d_in)`, or `(r, c_in, *kernel)` for a conv with `B` `(d_out, r, 1, ...)`.
-fn factor_dims(module: &str, a: &[usize], b: &[usize]) -> std::result::Result<(usize, usize, usize, Vec<usize>), String> {
+fn factor_dims(
+    module: &str,
+    a: &[usize],
+    b: &[usize],
+) -> std::result::Result<(usize, usize, usize, Vec<usize>), String> {
     let not_product = || format!("{module}: lora_A {a:?} and lora_B {b:?} do not form a rank-r product");
     if a.len() < 2 || a.len() > 5 || b.len() != a.len() {
         return Err(not_product());
