@@ -21,6 +21,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from _reference import round_once as _round_once
 
 import asymlora
 from asymlora import AdapterConfig, ModuleConfig
@@ -58,18 +59,6 @@ def _read_dir(path: Path) -> dict[str, np.ndarray]:
         st = SafetensorsFile(f)
         out.update(st.read({n: n for n in st.names if st.entries[n].dtype != "I64"}))
     return out
-
-
-def _round_once(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """float64 -> ``dtype`` rounded once (bf16/f16 via round-to-odd float32)."""
-    if dtype in (np.dtype(np.float32), np.dtype(np.float64)):
-        return x.astype(dtype)
-    x32 = x.astype(np.float32)
-    back = x32.astype(np.float64)
-    inexact = back != x
-    toward_zero = inexact & (np.abs(back) > np.abs(x))
-    bits = (x32.view(np.uint32) - toward_zero.astype(np.uint32)) | inexact.astype(np.uint32)
-    return bits.view(np.float32).astype(dtype)
 
 
 def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:

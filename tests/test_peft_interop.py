@@ -607,13 +607,6 @@ def test_refuses_bias_all(tmp_path):
     _refused(peft_dir, tmp_path, 'bias: "all" trains biases')
 
 
-def test_refuses_embedding_lora(tmp_path):
-    _, peft_dir = _peft_dir(
-        Base("llama"), tmp_path, r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"]
-    )
-    _refused(peft_dir, tmp_path, "embedding LoRA")
-
-
 @pytest.mark.parametrize(
     ("change", "match"),
     [
@@ -647,7 +640,7 @@ def _quantised(t: dict) -> None:
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (_conv_factor, "not matrices"),
+        (_conv_factor, "do not form a rank-r product"),
         (_quantised, "I8 is not F16/BF16/F32/F64"),
         (
             lambda t: t.update({"base_model.model.model.norm.weight": torch.ones(64)}),

@@ -15,8 +15,10 @@ import numpy.typing as npt
 __all__ = [
     "FORMAT_VERSION",
     "GENERATORS",
+    "KINDS",
     "PEFT_CONFIG_NAME",
     "PEFT_KEY_PREFIX",
+    "PEFT_PARAMETER_ORDER",
     "PEFT_PICKLE_WEIGHTS_NAME",
     "PEFT_WEIGHTS_NAME",
     "SCALINGS",
@@ -48,10 +50,12 @@ __all__ = [
 GENERATORS: list[str]
 FORMAT_VERSION: str
 SCALINGS: list[str]
+KINDS: list[str]
 PEFT_CONFIG_NAME: str
 PEFT_WEIGHTS_NAME: str
 PEFT_PICKLE_WEIGHTS_NAME: str
 PEFT_KEY_PREFIX: str
+PEFT_PARAMETER_ORDER: list[str]
 
 class AsymloraError(Exception):
     """Base of every error asymlora raises about adapters, checkpoints and files it refuses."""

@@ -24,15 +24,26 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: names of the scaling rules: ``s = alpha / r`` and ``s = alpha / sqrt(r)`` (rsLoRA)
 SCALINGS: tuple[str, ...] = tuple(_native.SCALINGS)
 
+#: what an adapted module is (how its matrix sits in the base tensor; see the format spec)
+KINDS: tuple[str, ...] = tuple(_native.KINDS)
+
 
 @dataclass(frozen=True)
 class ModuleConfig:
-    """One adapted linear map ``W (d_out x d_in) + s * B @ A``.
+    """One adapted matrix ``W (d_out x d_in) + s * B @ A`` (per expert for a 3-D parameter).
 
     ``stream`` selects this module's ``A`` under the adapter seed; it is stored
     in the file, so renaming modules never changes an ``A``. ``a_stored`` is true
     when ``A`` is in the file (trained or imported) instead of regenerated.
     ``rank``/``alpha`` override the adapter-wide values for this module.
+
+    ``kind`` says how ``W`` sits in the base tensor: ``"linear"`` (``{module}.weight``
+    is ``W``), ``"embedding"`` (``{module}.weight`` is ``W.T``, d_in = num_embeddings),
+    ``"conv"`` (``{module}.weight.reshape(d_out, -1)`` is ``W``; ``kernel`` is the kernel
+    size, d_in = c_in * prod(kernel)) or ``"parameter"`` (the parameter named
+    ``{module}`` itself; with ``experts`` E it is ``[E, d_out, d_in]``, each expert with its
+    own ``A`` on stream ``stream + e``; ``transposed``: each block stored d_in x d_out).
+    Fields left at their default are not written, so a linear module's JSON is unchanged.
     """
 
     d_in: int
@@ -41,6 +52,36 @@ class ModuleConfig:
     a_stored: bool = False
     rank: int | None = None
     alpha: float | None = None
+    kind: str = "linear"
+    kernel: tuple[int, ...] | None = None
+    experts: int | None = None
+    transposed: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.kernel is not None and not isinstance(self.kernel, tuple):
+            object.__setattr__(self, "kernel", tuple(self.kernel))
+
+    @property
+    def blocks(self) -> int:
+        """Number of ``(A, B)`` pairs: the experts of a 3-D parameter, else 1."""
+        return 1 if self.experts is None else self.experts
+
+    def a_shape(self, rank: int) -> tuple[int, ...]:
+        """Shape of ``{module}.lora_A`` at rank ``rank``: ``(E, r, d_in)`` with experts."""
+        return (rank, self.d_in) if self.experts is None else (self.experts, rank, self.d_in)
+
+    def b_shape(self, rank: int) -> tuple[int, ...]:
+        """Shape of ``{module}.lora_B`` at rank ``rank``: ``(E, d_out, r)`` with experts."""
+        return (self.d_out, rank) if self.experts is None else (self.experts, self.d_out, rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The module's JSON object: defaults (and ``kind`` linear) left out."""
+        data = {k: v for k, v in asdict(self).items() if v is not None}
+        if data["kind"] == "linear":
+            del data["kind"]
+        if self.kernel is not None:
+            data["kernel"] = list(self.kernel)
+        return data
 
     def check(self, name: str) -> None:
         """Raises ``ValueError`` naming the module and field of a value JSON cannot hold
@@ -49,8 +90,15 @@ class ModuleConfig:
         written or read."""
         for field_name in ("d_in", "d_out", "stream"):
             check_uint(f"module {name!r}: {field_name}", getattr(self, field_name))
-        if self.rank is not None:
-            check_uint(f"module {name!r}: rank", self.rank)
+        for field_name in ("rank", "experts"):
+            if getattr(self, field_name) is not None:
+                check_uint(f"module {name!r}: {field_name}", getattr(self, field_name))
+        for k in self.kernel or ():
+            check_uint(f"module {name!r}: kernel", k)
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"module {name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}"
+            )
         if self.alpha is not None:
             check_finite(f"module {name!r}: alpha", self.alpha)
 
@@ -104,10 +152,7 @@ class AdapterConfig:
 
     def to_json(self) -> str:
         data = asdict(self)
-        data["modules"] = {
-            name: {k: v for k, v in asdict(m).items() if v is not None}
-            for name, m in self.modules.items()
-        }
+        data["modules"] = {name: m.to_dict() for name, m in self.modules.items()}
         data["full_tensors"] = list(self.full_tensors)
         if self.base_model is None:
             del data["base_model"]
@@ -116,9 +161,19 @@ class AdapterConfig:
     @classmethod
     def from_json(cls, text: str) -> AdapterConfig:
         data = json.loads(text)
-        modules = {name: ModuleConfig(**m) for name, m in data.pop("modules").items()}
+        modules = {
+            name: ModuleConfig(**_module_fields(m)) for name, m in data.pop("modules").items()
+        }
         data["full_tensors"] = tuple(data.get("full_tensors", ()))
         return cls(modules=modules, **data)
+
+
+def _module_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A module's JSON object as ``ModuleConfig`` arguments (``null`` counts as absent)."""
+    fields = {k: v for k, v in data.items() if v is not None}
+    if "kernel" in fields:
+        fields["kernel"] = tuple(fields["kernel"])
+    return fields
 
 
 class _LazyTensors(Mapping[str, np.ndarray]):
@@ -166,20 +221,23 @@ class Adapter:
         return list(self.config.modules)
 
     def lora_B(self, module: str) -> np.ndarray:
-        """``B`` (d_out x r) of ``module``."""
+        """``B`` (d_out x r; ``(E, d_out, r)`` for a module with experts) of ``module``."""
         self._require(module)
         return self.tensors[f"{module}.lora_B"]
 
     def lora_A(self, module: str) -> np.ndarray:
-        """``A`` (r x d_in) of ``module``: read from the file, or regenerated from the seed."""
+        """``A`` (r x d_in; ``(E, r, d_in)`` for a module with experts) of ``module``:
+        read from the file, or regenerated from the seed (expert ``e`` on stream
+        ``stream + e``)."""
         self._require(module)
         return from_raw(*self._native.lora_a(module))
 
     def delta(self, module: str) -> np.ndarray:
-        """``s * B @ A`` for ``module`` in float64 (for checks; d_out x d_in)."""
+        """``s * B @ A`` for ``module`` in float64 (for checks): d_out x d_in, or
+        ``(E, d_out, d_in)`` for a module with experts (``B_e @ A_e`` per expert)."""
         a = self.lora_A(module).astype(np.float64)
         b = self.lora_B(module).astype(np.float64)
-        return self.config.scale(module) * (b @ a)
+        return self.config.scale(module) * np.matmul(b, a)
 
     def inspect(self) -> str:
         """The report ``asymlora inspect`` prints."""

@@ -62,6 +62,7 @@ def export_peft(
     *,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    model: Any = None,
 ) -> Path:
     """Writes the asymlora adapter at ``adapter_path`` as a PEFT LoRA directory ``out_dir``.
 
@@ -74,6 +75,18 @@ def export_peft(
     ``peft.PeftModel.from_pretrained(base_model, out_dir)`` and computes what the
     asymlora-wrapped model computes. Factor dtypes are kept (a bf16 ``B`` stays bf16).
 
+    Every kind is written in PEFT's own layout: embeddings as ``lora_embedding_A`` /
+    ``lora_embedding_B``, convolutions as ``lora_A.weight`` ``(r, c_in, *kernel)`` and
+    ``lora_B.weight`` ``(c_out, r, 1, ...)``, both listed in ``target_modules``; parameters
+    (``kind="parameter"``) in ``target_parameters`` by full name, as PEFT's
+    ``ParamWrapper`` stores them (``lora_A.weight`` ``(E * r, d_in)``, ``lora_B.weight``
+    ``(d_out, r * E)`` interleaved). Several parameters of one module nest wrappers in
+    the module's parameter order, the last outermost (keys ``{module}.lora_A.weight``,
+    ``{module}.base_layer.lora_A.weight``, ...): that order is read from ``model`` when
+    given, else taken to be transformers' experts order (``gate_up_proj``, ``gate_proj``,
+    ``up_proj`` before ``down_proj``, others by name), the order ``import_peft`` and the
+    merge read nested wrappers in.
+
     The directory is built next to ``out_dir`` and renamed into place at the end, so a
     failure leaves nothing under ``out_dir``.
 
@@ -85,6 +98,8 @@ def export_peft(
         overwrite: replace an existing ``out_dir``. Only a directory holding nothing
             but PEFT adapter files (``adapter_config.json``, ``adapter_model.*``,
             ``README.md``) is replaced; anything else there is refused.
+        model: the base model (a ``torch.nn.Module``), only to read the order of the
+            adapted parameters of a module that has several (see above).
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -105,10 +120,13 @@ def export_peft(
     modules = sorted(cfg.modules, key=_natural_key)
     saved = _modules_to_save(cfg.full_tensors, modules, adapter.path)
 
+    layers = [n for n in modules if cfg.modules[n].kind != "parameter"]
+    parameters = _parameter_order([n for n in modules if n not in layers], model)
     tensors: dict[str, np.ndarray] = {}
-    for name in modules:
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = adapter.lora_A(name)
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = adapter.lora_B(name)
+    for name in layers:
+        tensors.update(_layer_tensors(adapter, name))
+    for name, depth in parameters.items():
+        tensors.update(_parameter_tensors(adapter, name, depth))
     for name in cfg.full_tensors:
         tensors[KEY_PREFIX + name] = adapter.tensors[name]
 
@@ -125,7 +143,8 @@ def export_peft(
         "inference_mode": True,
         "r": cfg.rank,
         "lora_alpha": _number(cfg.alpha),
-        "target_modules": modules,
+        "target_modules": layers or None,
+        "target_parameters": list(parameters) or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": cfg.rslora,
@@ -193,6 +212,74 @@ def _publish(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _layer_tensors(adapter: Any, name: str) -> dict[str, np.ndarray]:
+    """PEFT's keys and tensors for a linear, embedding or conv module."""
+    m = adapter.config.modules[name]
+    a, b = adapter.lora_A(name), adapter.lora_B(name)
+    key = KEY_PREFIX + name
+    if m.kind == "embedding":
+        return {f"{key}.lora_embedding_A": a, f"{key}.lora_embedding_B": b}
+    if m.kind == "conv":
+        kernel = tuple(m.kernel)
+        c_in = m.d_in // int(np.prod(kernel))
+        a = a.reshape(a.shape[0], c_in, *kernel)
+        b = b.reshape(*b.shape, *(1,) * len(kernel))
+    return {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
+
+
+def _parameter_tensors(adapter: Any, name: str, depth: int) -> dict[str, np.ndarray]:
+    """PEFT ``ParamWrapper`` keys and tensors of parameter ``name`` wrapped ``depth``
+    levels inside the outermost wrapper of its module."""
+    m = adapter.config.modules[name]
+    if m.transposed and m.experts is None:
+        raise ValueError(
+            f"{adapter.path}: module {name!r} is a transposed 2-D parameter, which PEFT "
+            "cannot express (its is_transposed applies to 3-D parameters only)"
+        )
+    a, b = adapter.lora_A(name), adapter.lora_B(name)
+    if m.experts is not None:
+        experts, d_out, r = b.shape
+        a = a.reshape(experts * r, m.d_in)
+        # PEFT's lora_B (d_out, r * E): column k * E + e is expert e's column k
+        b = np.ascontiguousarray(b.transpose(1, 2, 0)).reshape(d_out, r * experts)
+    module = name.rpartition(".")[0]
+    key = KEY_PREFIX + module + ".base_layer" * depth
+    return {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
+
+
+# Order transformers' MoE expert modules register their parameters in (the core's rule,
+# which its PEFT reader follows too).
+_EXPERT_PARAMETER_ORDER = tuple(_native.PEFT_PARAMETER_ORDER)
+
+
+def _parameter_order(names: list[str], model: Any) -> dict[str, int]:
+    """Parameter modules in the order to list them in ``target_parameters`` (each
+    module's parameters in its registration order), with their nesting depth: PEFT
+    wraps a module's parameters in that order, so the last is outermost (depth 0)."""
+    by_module: dict[str, list[str]] = {}
+    for name in names:
+        module, _, param = name.rpartition(".")
+        if not module:
+            raise ValueError(
+                f"parameter {name!r} belongs to no module; PEFT targets module parameters"
+            )
+        by_module.setdefault(module, []).append(param)
+    out: dict[str, int] = {}
+    for module, params in by_module.items():
+        if model is not None:
+            order = [n for n, _ in model.get_submodule(module).named_parameters(recurse=False)]
+            missing = [p for p in params if p not in order]
+            if missing:
+                raise ValueError(f"module {module!r} of the model has no parameter {missing[0]!r}")
+            params.sort(key=order.index)
+        else:
+            known = _EXPERT_PARAMETER_ORDER
+            params.sort(key=lambda p: (known.index(p) if p in known else len(known), p))
+        for i, param in enumerate(params):
+            out[f"{module}.{param}"] = len(params) - 1 - i
+    return out
 
 
 def _modules_to_save(full_tensors: Iterable[str], modules: list[str], path: Path) -> list[str]:
@@ -279,7 +366,15 @@ def import_peft(peft_dir: PathLike, path: PathLike, *, seed: int = 0) -> Path:
     with PEFT's matching rule; ``use_rslora`` becomes scaling ``"alpha/sqrt(r)"``. Float
     tensors of ``modules_to_save`` become full tensors under the model's state-dict names
     (``classifier.weight``), and ``base_model`` records ``class``, ``name_or_path``,
-    ``revision`` and ``fan_in_fan_out``. Dtypes are kept bit for bit. Load the result with
+    ``revision`` and ``fan_in_fan_out``. Embedding (``lora_embedding_A``/``B``), conv and
+    ``target_parameters`` (``ParamWrapper``) LoRA become modules of kind ``"embedding"``,
+    ``"conv"`` and ``"parameter"`` (named by the full parameter name; experts' factors as
+    ``(E, r, d_in)`` and ``(E, d_out, r)``). A PEFT directory does not record a parameter's
+    ``is_transposed``; parameters are read as ``[E, d_out, d_in]`` (Mixtral, Qwen3-MoE).
+    Nested wrappers of one module are taken to follow transformers' experts order
+    (``gate_up_proj``, ``gate_proj``, ``up_proj``, then ``down_proj``, others by name): PEFT
+    saves ``target_parameters`` in no fixed order.
+    Dtypes are kept bit for bit. Load the result with
     :func:`asymlora.load_adapter` into the same base model. Integer tensors of
     ``modules_to_save`` (counters such as BatchNorm's ``num_batches_tracked``) are
     skipped with a warning, as ``save_adapter`` skips them.
@@ -303,7 +398,7 @@ def import_peft(peft_dir: PathLike, path: PathLike, *, seed: int = 0) -> Path:
         AdapterFormatError: the directory is not a plain PEFT LoRA adapter asymlora can
             hold (a ``ValueError``): another PEFT method, DoRA or another LoRA variant,
             ``bias`` other than ``"none"``, only a pickled ``adapter_model.bin``,
-            embedding or convolution LoRA, non-float (quantised) factors, unrecognised
+            non-float (quantised) factors, unrecognised
             tensor names, or ranks that disagree with the config. Nothing is written then.
     """
     check_uint("seed", seed)

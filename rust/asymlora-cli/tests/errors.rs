@@ -31,17 +31,7 @@ fn adapter_config() -> AdapterConfig {
         generator: "haar-v1".into(),
         a_dtype: Dtype::F32,
         a_gain: 1.0,
-        modules: BTreeMap::from([(
-            "proj".to_string(),
-            ModuleConfig {
-                d_in: 8,
-                d_out: 6,
-                stream: 0,
-                a_stored: false,
-                rank: None,
-                alpha: None,
-            },
-        )]),
+        modules: BTreeMap::from([("proj".to_string(), ModuleConfig::linear(8, 6, 0, false))]),
         full_tensors: vec![],
         base_model: None,
     }

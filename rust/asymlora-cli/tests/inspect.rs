@@ -20,14 +20,7 @@ fn inspect_prints_modules_sizes_and_lora_equivalent() {
     let mut modules = BTreeMap::new();
     modules.insert(
         "model.layers.0.self_attn.q_proj".to_string(),
-        ModuleConfig {
-            d_in: 64,
-            d_out: 64,
-            stream: 3,
-            a_stored: false,
-            rank: None,
-            alpha: None,
-        },
+        ModuleConfig::linear(64, 64, 3, false),
     );
     let config = AdapterConfig {
         rank: 8,

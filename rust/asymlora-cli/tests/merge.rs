@@ -61,17 +61,7 @@ fn adapter(path: &Path, layers: usize, rows: usize, cols: usize) {
     let mut tensors = BTreeMap::new();
     for l in 0..layers {
         let m = format!("layers.{l}.proj");
-        modules.insert(
-            m.clone(),
-            ModuleConfig {
-                d_in: cols,
-                d_out: rows,
-                stream: l as u64,
-                a_stored: false,
-                rank: None,
-                alpha: None,
-            },
-        );
+        modules.insert(m.clone(), ModuleConfig::linear(cols, rows, l as u64, false));
         let b = values(rows * 8, 1000 + l as u64, 0.1);
         let data: Vec<u8> = b.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect();
         let name = format!("{m}.lora_B");

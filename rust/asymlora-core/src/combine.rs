@@ -191,12 +191,30 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
     for (i, input) in inputs.iter().enumerate() {
         for term in input.modules(i) {
             let name = term.module.clone();
+            if term.placement.experts.is_some() {
+                problems.push(format!(
+                    "module {name} of {} adapts an expert parameter (3-D): combine does not take expert \
+                     parameters yet; merge the adapters instead",
+                    input.label
+                ));
+                continue;
+            }
             let terms = modules.entry(name.clone()).or_default();
             if let Some(first) = terms.first() {
                 if (first.d_out, first.d_in) != (term.d_out, term.d_in) {
                     problems.push(format!(
                         "module {name} is {} x {} (d_out x d_in) in {} but {} x {} in {}",
                         first.d_out, first.d_in, inputs[first.input].label, term.d_out, term.d_in, input.label
+                    ));
+                    continue;
+                }
+                if first.placement != term.placement {
+                    problems.push(format!(
+                        "module {name} is a {} in {} but a {} in {}",
+                        first.placement.describe(),
+                        inputs[first.input].label,
+                        term.placement.describe(),
+                        input.label
                     ));
                     continue;
                 }
@@ -327,12 +345,9 @@ pub fn combine(adapters: &[AdapterInput], out: &Path, opts: &CombineOptions) -> 
         };
         let seeded = shared && first.a == output_origin(first.stream) && !seeded_streams.contains(&first.stream);
         let module = ModuleConfig {
-            d_in,
-            d_out,
-            stream: first.stream,
-            a_stored: !seeded,
             rank: (out_rank != rank).then_some(out_rank),
             alpha: (out_alpha != alpha).then_some(out_alpha),
+            ..ModuleConfig::linear(d_in, d_out, first.stream, !seeded).with_kind_of(&first.placement)
         };
         let s_out = config.module_scale(&module);
 

@@ -199,6 +199,23 @@ impl Matrix {
         self.len() == 0
     }
 
+    /// Matrices of one dtype stacked in order (e.g. the `[E, r, d_in]` `A` of E experts).
+    pub fn concat(parts: Vec<Matrix>) -> Matrix {
+        let mut parts = parts.into_iter();
+        let Some(mut out) = parts.next() else {
+            return Matrix::F32(vec![]);
+        };
+        for part in parts {
+            match (&mut out, part) {
+                (Matrix::F32(a), Matrix::F32(b)) => a.extend(b),
+                (Matrix::F16(a), Matrix::F16(b)) => a.extend(b),
+                (Matrix::BF16(a), Matrix::BF16(b)) => a.extend(b),
+                _ => panic!("Matrix::concat of different dtypes"),
+            }
+        }
+        out
+    }
+
     /// Little-endian bytes, the layout of safetensors and of the golden hashes.
     pub fn to_le_bytes(&self) -> Vec<u8> {
         match self {

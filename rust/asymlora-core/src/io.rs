@@ -54,6 +54,22 @@ impl OwnedTensor {
             data,
         })
     }
+
+    /// The same elements under another shape of the same size (row-major, bytes as they are).
+    pub fn reshaped(self, shape: Vec<usize>) -> OwnedTensor {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            self.info.shape.iter().product::<usize>(),
+            "a reshape keeps the element count"
+        );
+        OwnedTensor {
+            info: TensorInfo {
+                dtype: self.info.dtype,
+                shape,
+            },
+            data: self.data,
+        }
+    }
 }
 
 impl View for &OwnedTensor {

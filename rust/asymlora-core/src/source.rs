@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype as StDtype;
 
-use crate::adapter::{lora_a_name, lora_b_name, AdapterFile, FactorA};
+use crate::adapter::{lora_a_name, lora_b_name, AdapterFile, FactorA, Placement};
 use crate::dtype::{decode_float, Dtype, Matrix};
 use crate::error::{Error, Result};
 use crate::io::SafetensorsFile;
@@ -119,10 +119,14 @@ pub(crate) struct ModuleTerm {
     /// `s` in `W + s B A`.
     pub scale: f64,
     pub stream: u64,
-    /// The base stores the weight transposed (PEFT's `fan_in_fan_out`, GPT-2's `Conv1D`).
-    pub transposed: bool,
+    /// Where the matrix sits in the base: tensor name, shape, experts, and whether each
+    /// block is stored transposed (PEFT's `fan_in_fan_out`, GPT-2's `Conv1D`, embeddings).
+    pub placement: Placement,
     pub a: AOrigin,
     pub b_key: String,
+    /// `B` is PEFT's `ParamWrapper` layout `(d_out, r * E)`, rank-major: expert `e`'s
+    /// column `k` is column `k * E + e`. Otherwise `B` is `[E, d_out, r]` (or `d_out x r`).
+    pub b_interleaved: bool,
 }
 
 impl ModuleTerm {
@@ -196,7 +200,7 @@ impl Loaded {
                         alpha: c.module_alpha(m),
                         scale: c.module_scale(m),
                         stream: m.stream,
-                        transposed,
+                        placement: m.placement(transposed),
                         a: if m.a_stored {
                             AOrigin::Stored { key: lora_a_name(name) }
                         } else {
@@ -209,6 +213,7 @@ impl Loaded {
                             }
                         },
                         b_key: lora_b_name(name),
+                        b_interleaved: false,
                     })
                     .collect()
             }
@@ -225,9 +230,10 @@ impl Loaded {
                     alpha: m.alpha,
                     scale: m.scale,
                     stream: stream as u64,
-                    transposed,
+                    placement: m.placement(transposed),
                     a: AOrigin::Stored { key: m.a_key.clone() },
                     b_key: m.b_key.clone(),
+                    b_interleaved: m.b_interleaved,
                 })
                 .collect(),
         }
@@ -248,22 +254,55 @@ impl Loaded {
         }
     }
 
-    /// Exact values of a stored float tensor; its pages are released after reading.
-    pub fn values(&self, key: &str) -> Result<Vec<f64>> {
+    /// `A_e` (r x d_in) and `B_e` (d_out x r) of expert `block` of `m` (block 0 of a
+    /// module without experts) as exact f64 values; pages read are released.
+    pub fn block_factors(&self, m: &ModuleTerm, block: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+        let (r, d_in, d_out) = (m.rank, m.d_in, m.d_out);
+        let a = match m.a_key() {
+            Some(key) => self.run(key, block * r * d_in, r * d_in)?,
+            None => match &self.source {
+                Source::V1(a) => a.generated_a_block(&m.module, block)?.to_f64(),
+                Source::Peft(_) => unreachable!("PEFT adapters store every A"),
+            },
+        };
+        let experts = m.placement.blocks();
+        let b = if m.b_interleaved {
+            // element (i, k) of B_e is B[i, k * E + e] of the (d_out, r * E) tensor
+            self.elements(
+                &m.b_key,
+                |n| (n / r) * r * experts + (n % r) * experts + block,
+                d_out * r,
+            )?
+        } else {
+            self.run(&m.b_key, block * d_out * r, d_out * r)?
+        };
+        Ok((a, b))
+    }
+
+    /// Elements `start..start + n` of a stored float tensor, exact in f64; its pages are released.
+    fn run(&self, key: &str, start: usize, n: usize) -> Result<Vec<f64>> {
         let (info, bytes) = self.file().tensor(key)?;
-        let values = decode(info.dtype, bytes);
+        let size = info.dtype.bitsize() / 8;
+        let values = decode(info.dtype, &bytes[start * size..(start + n) * size]);
         if let Some(range) = self.file().range(key) {
             self.file().release(range);
         }
         Ok(values)
     }
 
-    /// `A` (r x d_in) of `m` as f64: stored, or regenerated from the seed (on the current pool).
-    pub fn a_values(&self, m: &ModuleTerm) -> Result<Vec<f64>> {
-        match m.a_key() {
-            Some(key) => self.values(key),
-            None => Ok(self.generated_a(m)?.to_f64()),
+    /// Elements `index(0..n)` of a stored float tensor, exact in f64; its pages are released.
+    fn elements(&self, key: &str, index: impl Fn(usize) -> usize, n: usize) -> Result<Vec<f64>> {
+        let (info, bytes) = self.file().tensor(key)?;
+        let size = info.dtype.bitsize() / 8;
+        let mut picked = Vec::with_capacity(n * size);
+        for i in 0..n {
+            let at = index(i) * size;
+            picked.extend_from_slice(&bytes[at..at + size]);
         }
+        if let Some(range) = self.file().range(key) {
+            self.file().release(range);
+        }
+        Ok(decode(info.dtype, &picked))
     }
 
     /// `A` of `m` as (dtype, little-endian bytes): stored, or regenerated from the seed.

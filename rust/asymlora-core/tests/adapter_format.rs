@@ -17,14 +17,7 @@ fn f32_tensor(name: &str, shape: [usize; 2], fill: f32) -> OwnedTensor {
 }
 
 fn module(d_in: usize, d_out: usize, stream: u64) -> ModuleConfig {
-    ModuleConfig {
-        d_in,
-        d_out,
-        stream,
-        a_stored: false,
-        rank: None,
-        alpha: None,
-    }
+    ModuleConfig::linear(d_in, d_out, stream, false)
 }
 
 /// Two seeded modules, one with a stored A, one full tensor.

@@ -73,14 +73,7 @@ fn adapter(path: &Path, spec: &Spec) {
         if spec.skip.iter().any(|s| m.ends_with(s)) {
             continue;
         }
-        let mut mc = ModuleConfig {
-            d_in: *i,
-            d_out: *o,
-            stream: k as u64,
-            a_stored: false,
-            rank: None,
-            alpha: None,
-        };
+        let mut mc = ModuleConfig::linear(*i, *o, k as u64, false);
         if m.ends_with("up_proj") {
             mc.rank = Some(6);
             mc.alpha = Some(3.0);
@@ -689,14 +682,7 @@ fn bad_inputs_are_refused_with_one_line_and_nothing_written() {
         AdapterConfig::from_json(&AdapterFile::open(&a).unwrap().safetensors().metadata()["asymlora_config"]).unwrap();
     config.modules = BTreeMap::from([(
         "layers.0.attn.q_proj".to_string(),
-        ModuleConfig {
-            d_in: 24,
-            d_out: 40,
-            stream: 0,
-            a_stored: false,
-            rank: None,
-            alpha: None,
-        },
+        ModuleConfig::linear(24, 40, 0, false),
     )]);
     let (n, b) = tensor("layers.0.attn.q_proj.lora_B", St::F32, &[40, 4], &[0.5; 160]);
     write_adapter(p("narrow.safetensors"), &config, &BTreeMap::from([(n, b)])).unwrap();

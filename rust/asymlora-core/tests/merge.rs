@@ -50,14 +50,7 @@ fn base_tensors(dtype: St, seed: u64) -> Vec<(String, OwnedTensor)> {
 }
 
 fn module_config(d_in: usize, d_out: usize, stream: u64) -> ModuleConfig {
-    ModuleConfig {
-        d_in,
-        d_out,
-        stream,
-        a_stored: false,
-        rank: None,
-        alpha: None,
-    }
+    ModuleConfig::linear(d_in, d_out, stream, false)
 }
 
 /// A seed-plus-B adapter on MODULES (rank 4, alpha 8; `up_proj` with rank 6 and its
@@ -838,7 +831,7 @@ fn unsupported_peft_adapters_are_refused_with_the_reason() {
     fs::write(p("pickle").join("adapter_model.bin"), b"\x80\x04 pickle").unwrap();
     let err = refused(&p("base.safetensors"), &[(&p("pickle"), 1.0)], &opts());
     assert!(err.to_string().contains("pickle"), "{err}");
-    // quantised factors, DoRA magnitude vectors, embedding LoRA
+    // quantised factors, DoRA magnitude vectors, an embedding LoRA without its B
     for (name, key, dtype, needle) in [
         (
             "int8",
@@ -856,7 +849,7 @@ fn unsupported_peft_adapters_are_refused_with_the_reason() {
             "emb",
             "base_model.model.model.embed_tokens.lora_embedding_A",
             St::F32,
-            "embedding LoRA",
+            "lora_embedding_B is missing",
         ),
     ] {
         peft_dir(&p(name), peft_config(), false, 1);

@@ -60,6 +60,7 @@ fn valid_adapter() -> (AdapterConfig, BTreeMap<String, OwnedTensor>) {
         a_stored,
         rank,
         alpha: rank.map(|_| 3.0),
+        ..ModuleConfig::linear(6, 5, 0, false)
     };
     let config = AdapterConfig {
         rank: 2,

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use asymlora_core::adapter::{
-    render_inspect, validate_config, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, Scaling,
-    TensorInfo,
+    render_inspect, validate_config, write_adapter as core_write, AdapterConfig, AdapterFile, FactorA, ModuleKind,
+    Scaling, TensorInfo,
 };
 use asymlora_core::Error;
 use pyo3::prelude::*;
@@ -56,15 +56,17 @@ impl PyAdapterFile {
         Ok(raw(py, info, bytes))
     }
 
-    /// (dtype, shape, bytes) of `module`'s A: stored, or regenerated from the seed.
+    /// (dtype, shape, bytes) of `module`'s A (`[E, r, d_in]` for experts): stored, or
+    /// regenerated from the seed.
     fn lora_a(&self, py: Python<'_>, module: &str) -> PyResult<RawTensor> {
         match py.detach(|| self.inner.lora_a(module)).map_err(to_py)? {
             FactorA::Stored { info, bytes } => Ok(raw(py, info, bytes)),
             FactorA::Generated(m) => {
-                let spec = self.inner.config().a_spec(self.inner.module(module).map_err(to_py)?);
+                let config = self.inner.config();
+                let module = self.inner.module(module).map_err(to_py)?;
                 let info = TensorInfo {
                     dtype: m.dtype().to_safetensors(),
-                    shape: vec![spec.rank, spec.d_in],
+                    shape: module.a_shape(config.module_rank(module)),
                 };
                 Ok(raw(py, &info, &m.to_le_bytes()))
             }
@@ -128,5 +130,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scale, m)?)?;
     m.add_function(wrap_pyfunction!(scaling_name, m)?)?;
     m.add("SCALINGS", Scaling::ALL.map(Scaling::name).to_vec())?;
+    m.add("KINDS", ModuleKind::ALL.map(ModuleKind::name).to_vec())?;
     Ok(())
 }

@@ -51,5 +51,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PEFT_WEIGHTS_NAME", peft::WEIGHTS_NAME)?;
     m.add("PEFT_PICKLE_WEIGHTS_NAME", peft::PICKLE_WEIGHTS_NAME)?;
     m.add("PEFT_KEY_PREFIX", peft::KEY_PREFIX)?;
+    m.add("PEFT_PARAMETER_ORDER", peft::PARAMETER_ORDER.to_vec())?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use super::{lora_a_name, lora_b_name};
 use crate::dtype::Matrix;
 use crate::error::{Error, Result};
 use crate::io::{SafetensorsFile, TensorInfo};
-use crate::orthogonal::random_orthogonal;
+use crate::orthogonal::{random_orthogonal, random_orthogonal_many};
 
 /// An open, validated adapter file.
 pub struct AdapterFile {
@@ -64,7 +64,7 @@ impl AdapterFile {
             .modules
             .values()
             .filter(|m| !m.a_stored)
-            .map(|m| c.module_rank(m) * m.d_in * c.a_dtype.size_bytes())
+            .map(|m| m.blocks() * c.module_rank(m) * m.d_in * c.a_dtype.size_bytes())
             .sum();
         self.file_size() + a_bytes as u64
     }
@@ -91,17 +91,22 @@ impl AdapterFile {
         self.tensor(&lora_b_name(module))
     }
 
-    /// The module's `A`: the stored tensor, or the one the generator implies.
+    /// The module's `A` (`[E, r, d_in]` for a 3-D parameter, else `r x d_in`): the
+    /// stored tensor, or the one the generator implies (expert `e` on stream `stream + e`).
     pub fn lora_a(&self, module: &str) -> Result<FactorA<'_>> {
         let m = self.module(module)?;
         if m.a_stored {
             let (info, bytes) = self.tensor(&lora_a_name(module))?;
-            Ok(FactorA::Stored { info, bytes })
-        } else {
-            Ok(FactorA::Generated(random_orthogonal(
-                &self.config.a_spec(m),
-                self.config.a_dtype,
-            )?))
+            return Ok(FactorA::Stored { info, bytes });
         }
+        let specs: Vec<_> = (0..m.blocks()).map(|e| self.config.block_a_spec(m, e)).collect();
+        let blocks = random_orthogonal_many(&specs, self.config.a_dtype)?;
+        Ok(FactorA::Generated(Matrix::concat(blocks)))
+    }
+
+    /// The regenerated `A` (r x d_in) of expert `block` of a module whose `A` is not stored.
+    pub fn generated_a_block(&self, module: &str, block: usize) -> Result<Matrix> {
+        let m = self.module(module)?;
+        random_orthogonal(&self.config.block_a_spec(m, block), self.config.a_dtype)
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use super::config::ModuleConfig;
 use super::file::AdapterFile;
 use super::lora_b_name;
 
@@ -19,6 +20,21 @@ pub fn human_bytes(n: u64) -> String {
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
+}
+
+/// A module's kind as the table shows it: `conv [3, 3]`, `parameter 8 experts transposed`.
+fn kind_label(m: &ModuleConfig) -> String {
+    let mut s = m.kind.name().to_string();
+    if let Some(kernel) = &m.kernel {
+        s.push_str(&format!(" {kernel:?}"));
+    }
+    if let Some(e) = m.experts {
+        s.push_str(&format!(" {e} experts"));
+    }
+    if m.transposed == Some(true) {
+        s.push_str(" transposed");
+    }
+    s
 }
 
 /// Renders modules, shapes, rank, seed, generator and the file size next to the
@@ -60,23 +76,42 @@ pub fn render_inspect(file: &AdapterFile) -> String {
     }
     let width = c.modules.keys().map(String::len).max().unwrap_or(6).max(6);
     let _ = writeln!(out);
+    let kinds: Vec<String> = c.modules.values().map(kind_label).collect();
+    // The kind column appears only when some module is not a linear (older output unchanged).
+    let show_kinds = kinds.iter().any(|k| k != "linear");
+    let last = |b_dtype: &str, kind: &str| {
+        if show_kinds {
+            format!("{b_dtype:<7}  {kind}")
+        } else {
+            b_dtype.to_string()
+        }
+    };
     let _ = writeln!(
         out,
-        "{:<width$}  {:>13}  {:>4}  {:>6}  {:<6}  B dtype",
-        "module", "d_out x d_in", "rank", "stream", "A"
+        "{:<width$}  {:>13}  {:>4}  {:>6}  {:<6}  {}",
+        "module",
+        "d_out x d_in",
+        "rank",
+        "stream",
+        "A",
+        last("B dtype", "kind")
     );
-    for (name, m) in &c.modules {
+    for ((name, m), kind) in c.modules.iter().zip(&kinds) {
         let r = c.module_rank(m);
         let b_dtype = file
             .tensor(&lora_b_name(name))
             .map(|(info, _)| info.dtype.to_string())
             .unwrap_or_default();
+        let streams = match m.experts {
+            Some(e) if e > 1 => format!("{}+{}", m.stream, e - 1),
+            _ => m.stream.to_string(),
+        };
         let _ = writeln!(
             out,
-            "{name:<width$}  {:>13}  {r:>4}  {:>6}  {:<6}  {b_dtype}",
+            "{name:<width$}  {:>13}  {r:>4}  {streams:>6}  {:<6}  {}",
             format!("{} x {}", m.d_out, m.d_in),
-            m.stream,
-            if m.a_stored { "stored" } else { "seeded" }
+            if m.a_stored { "stored" } else { "seeded" },
+            last(&b_dtype, kind)
         );
     }
     let size = file.file_size();

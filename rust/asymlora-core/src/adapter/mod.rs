@@ -12,7 +12,8 @@ mod write;
 
 pub use crate::io::OwnedTensor;
 pub use config::{
-    AdapterConfig, ModuleConfig, Scaling, FORMAT_NAME, FORMAT_VERSION, META_CONFIG, META_FORMAT, META_VERSION,
+    AdapterConfig, ModuleConfig, ModuleKind, Placement, Scaling, FORMAT_NAME, FORMAT_VERSION, META_CONFIG, META_FORMAT,
+    META_VERSION,
 };
 pub use file::{AdapterFile, FactorA};
 pub use inspect::{human_bytes, render_inspect};

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use safetensors::Dtype as StDtype;
 
-use super::config::{AdapterConfig, FORMAT_NAME, FORMAT_VERSION, META_CONFIG, META_FORMAT, META_VERSION};
+use super::config::{
+    AdapterConfig, ModuleConfig, ModuleKind, FORMAT_NAME, FORMAT_VERSION, META_CONFIG, META_FORMAT, META_VERSION,
+};
 use super::{lora_a_name, lora_b_name};
 use crate::error::{Error, Result};
 use crate::orthogonal::Generator;
@@ -111,7 +113,8 @@ fn check_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
     if config.modules.is_empty() {
         return Err(rep.err("config.modules", "is empty: an adapter adapts at least one module"));
     }
-    let mut streams: HashMap<u64, &str> = HashMap::new();
+    // Non-stored modules' stream ranges [stream, stream + blocks), to check for overlaps.
+    let mut ranges: Vec<(u128, u128, &str)> = vec![];
     for (name, m) in &config.modules {
         let at = |field: &str| format!("module {name:?}: {field}");
         if name.is_empty() {
@@ -123,6 +126,7 @@ fn check_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
                 format!("must be positive, got {} x {}", m.d_out, m.d_in),
             ));
         }
+        check_kind_fields(rep, name, m)?;
         let r = config.module_rank(m);
         if r == 0 {
             return Err(rep.err(at("rank"), "must be at least 1"));
@@ -137,25 +141,108 @@ fn check_config(rep: &Reporter<'_>, config: &AdapterConfig) -> Result<()> {
                     format!("rank {r} exceeds d_in {}: a generated A needs r <= d_in", m.d_in),
                 ));
             }
-            if r.checked_mul(m.d_in).is_none_or(|n| n > MAX_GENERATED_A_ELEMENTS) {
+            let blocks = m.blocks();
+            if r.checked_mul(m.d_in)
+                .and_then(|n| n.checked_mul(blocks))
+                .is_none_or(|n| n > MAX_GENERATED_A_ELEMENTS)
+            {
+                let experts = if m.experts.is_some() {
+                    format!("{blocks} experts x ")
+                } else {
+                    String::new()
+                };
                 return Err(rep.err(
                     at("d_in"),
                     format!(
-                        "rank {r} x d_in {} is more than the {MAX_GENERATED_A_ELEMENTS} elements a generated A may have",
+                        "{experts}rank {r} x d_in {} is more than the {MAX_GENERATED_A_ELEMENTS} elements a generated A may have",
                         m.d_in
                     ),
                 ));
             }
-            if let Some(other) = streams.insert(m.stream, name) {
-                return Err(rep.err(
+            let last = m.stream.checked_add(blocks as u64 - 1).ok_or_else(|| {
+                rep.err(
                     at("stream"),
                     format!(
-                        "stream {} is also used by module {other:?}; generated A's need distinct streams",
+                        "stream {} + {blocks} experts passes 2^64 - 1: every expert stream must fit in 64 bits",
                         m.stream
                     ),
-                ));
-            }
+                )
+            })?;
+            ranges.push((m.stream.into(), u128::from(last) + 1, name));
         }
+    }
+    check_stream_ranges(rep, &mut ranges)
+}
+
+/// Generated `A`s need distinct streams: a module uses `[stream, stream + experts)`.
+fn check_stream_ranges(rep: &Reporter<'_>, ranges: &mut [(u128, u128, &str)]) -> Result<()> {
+    ranges.sort();
+    for pair in ranges.windows(2) {
+        let ((s0, e0, first), (s1, e1, second)) = (pair[0], pair[1]);
+        if s1 < e0 {
+            let shown = |s: u128, e: u128| {
+                if e - s == 1 {
+                    format!("stream {s}")
+                } else {
+                    format!("streams {s}..{e}")
+                }
+            };
+            // Name the module later in name order, as a walk over the modules would.
+            let (name, other) = if first < second {
+                (second, first)
+            } else {
+                (first, second)
+            };
+            return Err(rep.err(
+                format!("module {name:?}: stream"),
+                format!(
+                    "{} overlaps {} of module {other:?}; generated A's need distinct streams",
+                    if name == second { shown(s1, e1) } else { shown(s0, e0) },
+                    if name == second { shown(s0, e0) } else { shown(s1, e1) },
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `kind`, `kernel`, `experts` and `transposed`: each field only for its kind, in range.
+fn check_kind_fields(rep: &Reporter<'_>, name: &str, m: &ModuleConfig) -> Result<()> {
+    let at = |field: &str| format!("module {name:?}: {field}");
+    let kind = m.kind.name();
+    let only = |field: &str, allowed: &str| rep.err(at(field), format!("is only for kind {allowed}, not {kind:?}"));
+    if m.kernel.is_some() && m.kind != ModuleKind::Conv {
+        return Err(only("kernel", "\"conv\""));
+    }
+    if m.experts.is_some() && m.kind != ModuleKind::Parameter {
+        return Err(only("experts", "\"parameter\""));
+    }
+    if m.transposed.is_some() && m.kind != ModuleKind::Parameter {
+        return Err(only("transposed", "\"parameter\""));
+    }
+    if m.kind == ModuleKind::Conv {
+        let kernel = m.kernel.as_ref().ok_or_else(|| {
+            rep.err(
+                at("kernel"),
+                "missing: a conv module needs its kernel size (1 to 3 integers)",
+            )
+        })?;
+        if kernel.is_empty() || kernel.len() > 3 || kernel.contains(&0) {
+            return Err(rep.err(at("kernel"), format!("must be 1 to 3 integers >= 1, got {kernel:?}")));
+        }
+        let taps = kernel.iter().try_fold(1usize, |acc, &k| acc.checked_mul(k));
+        if taps.is_none_or(|t| m.d_in % t != 0) {
+            return Err(rep.err(
+                at("kernel"),
+                format!(
+                    "{kernel:?} does not divide d_in {}: a conv's d_in is c_in x the product of its kernel",
+                    m.d_in
+                ),
+            ));
+        }
+    }
+    if m.experts == Some(0) {
+        return Err(rep.err(at("experts"), "must be at least 1"));
     }
     Ok(())
 }
@@ -172,12 +259,12 @@ fn validate_tensors(rep: &Reporter<'_>, config: &AdapterConfig, tensors: &BTreeM
     for (name, m) in &config.modules {
         let r = config.module_rank(m);
         let b = lora_b_name(name);
-        expect_factor(rep, name, "lora_B", tensors.get(&b), [m.d_out, r])?;
+        expect_factor(rep, name, "lora_B", tensors.get(&b), &m.b_shape(r))?;
         described.insert(b, Role::FactorOf(name));
         let a = lora_a_name(name);
         match (m.a_stored, tensors.get(&a)) {
             (true, info) => {
-                expect_factor(rep, name, "lora_A", info, [r, m.d_in])?;
+                expect_factor(rep, name, "lora_A", info, &m.a_shape(r))?;
             }
             (false, Some(_)) => {
                 return Err(rep.err(
@@ -223,7 +310,7 @@ fn expect_factor(
     module: &str,
     factor: &str,
     info: Option<&TensorInfo>,
-    shape: [usize; 2],
+    shape: &[usize],
 ) -> Result<()> {
     let at = format!("module {module:?}: {factor}");
     let info = info.ok_or_else(|| rep.err(&at, format!("tensor {module}.{factor} is missing")))?;
@@ -232,7 +319,7 @@ fn expect_factor(
         return Err(rep.err(
             &at,
             format!(
-                "shape {:?} does not match the config: expected {:?} (from d_in, d_out and rank)",
+                "shape {:?} does not match the config: expected {:?} (from d_in, d_out, rank and experts)",
                 info.shape, shape
             ),
         ));

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype as StDtype;
 
+use crate::adapter::{ModuleKind, Placement};
 use crate::dtype::Dtype;
 use crate::error::{problem_list, Error, Result};
 use crate::io::TensorInfo;
@@ -196,6 +197,34 @@ fn prefix_hint(module: &str, base: &BTreeMap<String, (usize, TensorInfo)>) -> Op
     Some(format!("--prefix-map '{old}={new}' (e.g. {module} -> {name})"))
 }
 
+/// Why a base tensor of the wrong shape might be so, when it is evident.
+fn shape_hint(place: &Placement, shape: &[usize]) -> &'static str {
+    let [rows, cols] = place.block_shape();
+    let flipped = match place.experts {
+        Some(e) => shape == [e, cols, rows],
+        None => shape == [cols, rows],
+    };
+    match (place.kind, place.transposed, flipped) {
+        (_, _, false) => "",
+        (ModuleKind::Linear, true, _) => " (the adapter says fan_in_fan_out, the base stores it d_out x d_in)",
+        (ModuleKind::Linear, false, _) => {
+            " (the base stores it transposed, d_in x d_out: an adapter for Conv1D needs fan_in_fan_out)"
+        }
+        (ModuleKind::Parameter, false, _) => {
+            " (the base stores each block transposed, d_in x d_out, like gpt-oss's experts: the module needs \
+             transposed = true; a PEFT directory does not record is_transposed, so import it with import-peft and \
+             set transposed in the file)"
+        }
+        (ModuleKind::Parameter, true, _) => " (the adapter says transposed, the base stores each block d_out x d_in)",
+        _ => "",
+    }
+}
+
+/// Whether two modules on one base tensor see it as the same blocks of the same shape.
+fn same_blocks(a: &Placement, b: &Placement) -> bool {
+    a.blocks() == b.blocks() && a.block_shape() == b.block_shape()
+}
+
 struct Plan {
     jobs: BTreeMap<String, Job>,
     modules: usize,
@@ -214,37 +243,31 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
         warnings.extend(ad.warnings());
         let label = &ad.label;
         for m in ad.modules(i) {
-            let target = format!("{}.weight", map_name(&m.module, &opts.prefix_map));
+            let place = m.placement.clone();
+            let place = &place;
+            let target = place.base_tensor(&map_name(&m.module, &opts.prefix_map));
             let Some((_, info)) = ck.tensors.get(&target) else {
                 problems.push(format!(
-                    "{label}: module {} has no weight {target} in the base",
-                    m.module
+                    "{label}: module {} has no {} {target} in the base",
+                    m.module,
+                    if place.kind == ModuleKind::Parameter {
+                        "parameter"
+                    } else {
+                        "weight"
+                    }
                 ));
                 missing.push(m.module.clone());
                 continue;
             };
-            let expected = if m.transposed {
-                [m.d_in, m.d_out]
-            } else {
-                [m.d_out, m.d_in]
-            };
+            let expected = place.base_shape();
             if info.shape != expected {
-                let hint = if info.shape == [expected[1], expected[0]] {
-                    if m.transposed {
-                        " (the adapter says fan_in_fan_out, the base stores it d_out x d_in)"
-                    } else {
-                        " (the base stores it transposed, d_in x d_out: an adapter for Conv1D needs fan_in_fan_out)"
-                    }
-                } else {
-                    ""
-                };
                 problems.push(format!(
-                    "{label}: module {} is {} x {} (d_out x d_in){}, but {target} in the base has shape {:?}{hint}",
+                    "{label}: module {} is a {}, so {target} in the base must have shape {expected:?}, but it has \
+                     shape {:?}{}",
                     m.module,
-                    m.d_out,
-                    m.d_in,
-                    if m.transposed { ", stored transposed" } else { "" },
-                    info.shape
+                    place.describe(),
+                    info.shape,
+                    shape_hint(place, &info.shape)
                 ));
                 continue;
             }
@@ -276,6 +299,17 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
             };
             modules += 1;
             match jobs.entry(target.clone()).or_insert_with(|| Job::Merge(vec![])) {
+                Job::Merge(terms) if terms.first().is_some_and(|t| !same_blocks(&t.module.placement, place)) => {
+                    problems.push(format!(
+                        "{label}: module {} ({}) and module {} of {} ({}) both update {target} but split it into \
+                         different blocks",
+                        term.module.module,
+                        place.describe(),
+                        terms[0].module.module,
+                        adapters[terms[0].adapter].label,
+                        terms[0].module.placement.describe()
+                    ))
+                }
                 Job::Merge(terms) => terms.push(term),
                 Job::Replace { adapter, .. } => problems.push(format!(
                     "{label}: module {} updates {target}, which {} replaces as a whole (modules_to_save)",

@@ -302,6 +302,36 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
+    /// The stacked factors of every term on expert `block` (the whole tensor without experts).
+    fn block_factors(
+        &self,
+        terms: &[super::TermRef],
+        block: usize,
+        rows: usize,
+        cols: usize,
+        precision: engine::Precision,
+    ) -> Result<Factors> {
+        let mut owned = Vec::with_capacity(terms.len());
+        for t in terms {
+            let ad = &self.loaded[t.adapter];
+            owned.push(self.pool.install(|| ad.block_factors(&t.module, block))?);
+        }
+        let eterms: Vec<engine::Term<'_>> = terms
+            .iter()
+            .zip(&owned)
+            .map(|(t, (a, b))| engine::Term {
+                coef: t.coef,
+                a,
+                b,
+                rank: t.module.rank,
+                d_in: t.module.d_in,
+                d_out: t.module.d_out,
+                transposed: t.module.placement.transposed,
+            })
+            .collect();
+        Ok(Factors::build(&eterms, rows, cols, precision))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn merge_tensor(
         &self,
@@ -314,40 +344,24 @@ impl<'a> Ctx<'a> {
         terms: &[super::TermRef],
         counts: &mut Counts,
     ) -> Result<()> {
-        let (rows, cols) = (info.shape[0], info.shape[1]);
+        let place = &terms[0].module.placement; // every term splits the tensor alike (checked in the plan)
+        let [rows, cols] = place.block_shape();
         let wk = Float::from_st(info.dtype).expect("merge targets checked to be float");
         let ok = Float::from_st(out).expect("float in, float out");
-        let mut owned = Vec::with_capacity(terms.len());
-        for t in terms {
-            let ad = &self.loaded[t.adapter];
-            let a = self.pool.install(|| ad.a_values(&t.module))?;
-            let b = ad.values(&t.module.b_key)?;
-            owned.push((a, b));
-        }
-        let eterms: Vec<engine::Term<'_>> = terms
-            .iter()
-            .zip(&owned)
-            .map(|(t, (a, b))| engine::Term {
-                coef: t.coef,
-                a,
-                b,
-                rank: t.module.rank,
-                d_in: t.module.d_in,
-                d_out: t.module.d_out,
-                transposed: t.module.transposed,
-            })
-            .collect();
-        let factors = Factors::build(&eterms, rows, cols, engine::precision(wk, ok));
-        drop(eterms);
-        drop(owned);
         let mut stats = engine::RowStats::default();
-        if rows > 0 && cols > 0 {
+        // One block (expert) at a time: its factors, then its rows in bands.
+        for block in 0..place.blocks() {
+            let factors = self.block_factors(terms, block, rows, cols, engine::precision(wk, ok))?;
+            if rows == 0 || cols == 0 {
+                continue;
+            }
             let (ws, os) = (wk.size(), ok.size());
+            let start = range.start + block * rows * cols * ws;
             let band_rows = (BAND_BYTES / (cols * ws.max(os))).max(1);
             let mut r0 = 0;
             while r0 < rows {
                 let n = band_rows.min(rows - r0);
-                let input = range.start + r0 * cols * ws..range.start + (r0 + n) * cols * ws;
+                let input = start + r0 * cols * ws..start + (r0 + n) * cols * ws;
                 let mut buf = stream.buffer(n * cols * os)?;
                 shard.file.prefetch(input.clone());
                 let w = shard.file.bytes(input.clone());
@@ -359,6 +373,7 @@ impl<'a> Ctx<'a> {
                 r0 += n;
             }
         }
+        let (rows, cols) = (rows * place.blocks(), cols);
         self.check_overflow(stats.nonfinite, name, out, "merging into", counts)?;
         stream.observer.advance(0, 1);
         counts.merged += 1;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::reader::{is_integer, peft_dir, PeftAdapter};
-use crate::adapter::{lora_a_name, lora_b_name, write_adapter, AdapterConfig, ModuleConfig};
+use crate::adapter::{lora_a_name, lora_b_name, write_adapter, AdapterConfig, ModuleConfig, ModuleKind};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::io::OwnedTensor;
@@ -56,6 +56,22 @@ fn natural_cmp(a: &str, b: &str) -> Ordering {
     key(a).cmp(&key(b)).then_with(|| a.cmp(b))
 }
 
+/// `ParamWrapper`'s `B` `(d_out, r * E)` (column `k * E + e` is expert `e`'s column `k`)
+/// as `[E, d_out, r]`, bytes moved as they are.
+fn deinterleave(b: OwnedTensor, d_out: usize, r: usize, experts: usize) -> OwnedTensor {
+    let size = b.info.dtype.bitsize() / 8;
+    let mut out = Vec::with_capacity(b.data.len());
+    for e in 0..experts {
+        for i in 0..d_out {
+            for k in 0..r {
+                let at = (i * r * experts + k * experts + e) * size;
+                out.extend_from_slice(&b.data[at..at + size]);
+            }
+        }
+    }
+    OwnedTensor { data: out, ..b }
+}
+
 fn copy_tensor(adapter: &PeftAdapter, key: &str, name: &str) -> Result<OwnedTensor> {
     let (info, bytes) = adapter.file.tensor(key)?;
     OwnedTensor::new(name, info.dtype, info.shape.clone(), bytes.to_vec())
@@ -82,21 +98,29 @@ pub fn import_peft(peft: &Path, out: &Path, seed: u64) -> Result<ImportReport> {
 
     let mut modules = BTreeMap::new();
     let mut tensors = BTreeMap::new();
-    for (stream, name) in names.into_iter().enumerate() {
+    let mut stream = 0u64;
+    for name in names {
         let m = &adapter.modules[name];
-        modules.insert(
-            name.clone(),
-            ModuleConfig {
-                d_in: m.d_in,
-                d_out: m.d_out,
-                stream: stream as u64,
-                a_stored: true,
-                rank: (m.rank != adapter.rank).then_some(m.rank),
-                alpha: (m.alpha != adapter.alpha).then_some(m.alpha),
-            },
-        );
-        tensors.insert(lora_a_name(name), copy_tensor(&adapter, &m.a_key, &lora_a_name(name))?);
-        tensors.insert(lora_b_name(name), copy_tensor(&adapter, &m.b_key, &lora_b_name(name))?);
+        let config = ModuleConfig {
+            rank: (m.rank != adapter.rank).then_some(m.rank),
+            alpha: (m.alpha != adapter.alpha).then_some(m.alpha),
+            kind: m.kind,
+            kernel: (m.kind == ModuleKind::Conv).then(|| m.kernel.clone()),
+            experts: m.experts,
+            ..ModuleConfig::linear(m.d_in, m.d_out, stream, true)
+        };
+        // each expert has a stream of its own, as a seeded adapter's would
+        stream += config.blocks() as u64;
+        let a = copy_tensor(&adapter, &m.a_key, &lora_a_name(name))?;
+        tensors.insert(lora_a_name(name), a.reshaped(config.a_shape(m.rank)));
+        let b = copy_tensor(&adapter, &m.b_key, &lora_b_name(name))?;
+        let b = if m.b_interleaved {
+            deinterleave(b, m.d_out, m.rank, config.blocks())
+        } else {
+            b
+        };
+        tensors.insert(lora_b_name(name), b.reshaped(config.b_shape(m.rank)));
+        modules.insert(name.clone(), config);
     }
     let mut report = ImportReport {
         out: out.to_path_buf(),

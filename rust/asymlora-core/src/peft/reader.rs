@@ -10,14 +10,14 @@ use serde_json::Value;
 
 use super::pattern::{OrderedMap, PatternRule};
 use super::{CONFIG_NAME, KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME};
-use crate::adapter::Scaling;
+use crate::adapter::{ModuleKind, Placement, Scaling};
 use crate::dtype::is_float;
 use crate::error::{problem_list, Error, Result};
 use crate::io::SafetensorsFile;
 
 /// LoRA config fields that change what the adapter computes beyond `W + s B A` on
 /// linear layers: field, what it enables.
-const UNSUPPORTED_FIELDS: [(&str, &str); 12] = [
+const UNSUPPORTED_FIELDS: [(&str, &str); 11] = [
     ("use_dora", "DoRA (weight-decomposed LoRA)"),
     ("lora_bias", "a trained bias on lora_B"),
     (
@@ -30,7 +30,6 @@ const UNSUPPORTED_FIELDS: [(&str, &str); 12] = [
         "layer replication (changes the base model's layer stack)",
     ),
     ("trainable_token_indices", "trainable tokens (embedding deltas)"),
-    ("target_parameters", "LoRA on bare parameters (target_parameters)"),
     ("use_bdlora", "block-diagonal LoRA (BD-LoRA)"),
     ("arrow_config", "Arrow routing between adapters"),
     (
@@ -47,7 +46,8 @@ const BOOLEAN_FIELDS: [&str; 3] = ["use_dora", "lora_bias", "use_qalora"];
 /// `init_lora_weights` values whose initialisation rewrote the base weights.
 const BASE_REWRITING_INITS: [&str; 5] = ["pissa", "olora", "corda", "loftq", "lora_ga"];
 
-/// One adapted module of a PEFT adapter.
+/// One adapted module of a PEFT adapter: a linear, embedding or conv layer (its
+/// module name), or a parameter of `target_parameters` (its full parameter name).
 #[derive(Clone, Debug)]
 pub struct PeftModule {
     pub a_key: String,
@@ -58,6 +58,33 @@ pub struct PeftModule {
     pub alpha: f64,
     /// `s` in `W + s B A`.
     pub scale: f64,
+    pub kind: ModuleKind,
+    /// Conv kernel size (empty otherwise).
+    pub kernel: Vec<usize>,
+    /// Experts of a 3-D parameter (`ParamWrapper` with `num_experts > 1`).
+    pub experts: Option<usize>,
+    /// `B` in `ParamWrapper`'s interleaved layout `(d_out, r * E)` (see [`crate::source`]).
+    pub b_interleaved: bool,
+}
+
+impl PeftModule {
+    /// Where the module's matrix sits in the base; `fan_in_fan_out` applies to linears only.
+    /// A PEFT directory does not record a parameter's `is_transposed`: parameters are
+    /// read as transformers stores Mixtral's and Qwen3-MoE's experts, `[E, d_out, d_in]`.
+    pub fn placement(&self, fan_in_fan_out: bool) -> Placement {
+        Placement {
+            kind: self.kind,
+            d_in: self.d_in,
+            d_out: self.d_out,
+            kernel: self.kernel.clone(),
+            experts: self.experts,
+            transposed: match self.kind {
+                ModuleKind::Linear => fan_in_fan_out,
+                ModuleKind::Embedding => true,
+                ModuleKind::Conv | ModuleKind::Parameter => false,
+            },
+        }
+    }
 }
 
 /// An open, checked PEFT LoRA adapter directory.
@@ -184,12 +211,6 @@ fn in_modules_to_save(name: &str, targets: &[String]) -> bool {
 fn refused_key(name: &str) -> Option<&'static str> {
     if name.contains("lora_magnitude_vector") {
         return Some("a DoRA magnitude vector (DoRA adapters are not supported)");
-    }
-    if name
-        .split('.')
-        .any(|p| p == "lora_embedding_A" || p == "lora_embedding_B")
-    {
-        return Some("embedding LoRA (LoRA on nn.Embedding is not supported)");
     }
     if name.ends_with(".lora_B.bias") {
         return Some("a bias on lora_B (lora_bias is not supported)");
@@ -336,12 +357,37 @@ fn open_weights(dir: &Path) -> Result<SafetensorsFile> {
     })
 }
 
-/// The file's tensors sorted into LoRA factors per module (`(A key, B key)`) and full
-/// tensors; what fits neither goes to `problems`.
+/// The factors of one wrapper module, by key.
+#[derive(Default)]
+struct FactorKeys {
+    a: Option<String>,
+    b: Option<String>,
+    /// `lora_embedding_A` / `lora_embedding_B` (an `nn.Embedding`'s LoRA).
+    embedding: bool,
+}
+
+/// The file's tensors sorted into LoRA factors per wrapper module (a name that may end
+/// in `.base_layer` for nested `ParamWrapper`s) and full tensors; what fits neither goes
+/// to `problems`.
 #[derive(Default)]
 struct Keys {
-    factors: BTreeMap<String, (Option<String>, Option<String>)>,
+    factors: BTreeMap<String, FactorKeys>,
     full: BTreeMap<String, String>,
+    /// `{module}.base_layer.weight` keys: embedding weights `save_embedding_layers` copied.
+    base_weights: BTreeMap<String, String>,
+}
+
+/// `(module, 'A' | 'B', embedding?)` of a factor key (prefix stripped).
+fn factor_of(name: &str) -> Option<(&str, char, bool)> {
+    [
+        (".lora_A.weight", 'A', false),
+        (".lora_B.weight", 'B', false),
+        (".lora_embedding_A", 'A', true),
+        (".lora_embedding_B", 'B', true),
+    ]
+    .into_iter()
+    .find_map(|(suffix, which, embedding)| name.strip_suffix(suffix).map(|m| (m, which, embedding)))
+    .filter(|(m, _, _)| !m.is_empty())
 }
 
 fn classify_keys(file: &SafetensorsFile, saved: &[String], problems: &mut Vec<String>) -> Keys {
@@ -353,19 +399,17 @@ fn classify_keys(file: &SafetensorsFile, saved: &[String], problems: &mut Vec<St
             problems.push(format!("{key}: {why}"));
             continue;
         }
-        let factor = name
-            .strip_suffix(".lora_A.weight")
-            .map(|m| (m, 'A'))
-            .or_else(|| name.strip_suffix(".lora_B.weight").map(|m| (m, 'B')));
-        if let Some((module, which)) = factor.filter(|(m, _)| !m.is_empty()) {
+        if let Some((module, which, embedding)) = factor_of(name) {
             let entry = keys.factors.entry(module.to_string()).or_default();
-            let slot = if which == 'A' { &mut entry.0 } else { &mut entry.1 };
+            let slot = if which == 'A' { &mut entry.a } else { &mut entry.b };
             if slot.is_some() {
                 problems.push(format!(
-                    "{key}: the factor is in the file twice (with and without prefix)"
+                    "{key}: the factor is in the file twice (with and without prefix, or as lora_A/B and \
+                     lora_embedding_A/B)"
                 ));
             }
             *slot = Some(key.to_string());
+            entry.embedding |= embedding;
         } else if in_modules_to_save(name, saved) {
             let dtype = file.tensor(key).map(|(info, _)| info.dtype).ok();
             if dtype.is_some_and(|d| !is_float(d) && !is_integer(d)) {
@@ -378,6 +422,8 @@ fn classify_keys(file: &SafetensorsFile, saved: &[String], problems: &mut Vec<St
                     "{key}: the tensor is in the file twice (with and without prefix)"
                 ));
             }
+        } else if let Some(module) = name.strip_suffix(".base_layer.weight") {
+            keys.base_weights.insert(module.to_string(), key.to_string());
         } else {
             let hint = match named.captures(name) {
                 Some(c) => format!(
@@ -394,6 +440,177 @@ fn classify_keys(file: &SafetensorsFile, saved: &[String], problems: &mut Vec<St
         problems.push("no LoRA factors (*.lora_A.weight / *.lora_B.weight) in the file".into());
     }
     keys
+}
+
+/// A wrapper module name without its trailing `.base_layer`s, and how many there were
+/// (PEFT nests one `ParamWrapper` per targeted parameter of a module).
+fn unwrap_base_layers(module: &str) -> (&str, usize) {
+    let mut m = module;
+    let mut depth = 0;
+    while let Some(inner) = m.strip_suffix(".base_layer") {
+        m = inner;
+        depth += 1;
+    }
+    (m, depth)
+}
+
+/// Parameters of `module` that `target_parameters` names, in the config's order: entry
+/// `e` names parameter `p` of `module` when `{module}.{p}` is `e` or ends with `.{e}`
+/// (PEFT's rule).
+fn targeted_parameters(module: &str, targets: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = vec![];
+    for entry in targets {
+        let (prefix, param) = match entry.rsplit_once('.') {
+            Some((prefix, param)) => (prefix, param),
+            None => ("", entry.as_str()),
+        };
+        let matches = prefix.is_empty() || module == prefix || module.ends_with(&format!(".{prefix}"));
+        if matches && !param.is_empty() && !out.iter().any(|p| p == param) {
+            out.push(param.to_string());
+        }
+    }
+    out
+}
+
+fn target_parameters(config: &Config, config_path: &Path) -> Result<Vec<String>> {
+    match config.get("target_parameters") {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| format_err(config_path, "target_parameters", "must be a list of parameter names")),
+        Some(v) => Err(format_err(
+            config_path,
+            "target_parameters",
+            format!("must be a list of parameter names, got {v}"),
+        )),
+    }
+}
+
+/// PEFT's `target_modules` rule: a list entry names a module equal to it or ending in
+/// `.{entry}`; a string is a regex the whole name must match.
+struct TargetModules {
+    names: Vec<String>,
+    regex: Option<Regex>,
+    all_linear: bool,
+}
+
+impl TargetModules {
+    fn read(config: &Config, config_path: &Path) -> Result<TargetModules> {
+        let mut t = TargetModules {
+            names: vec![],
+            regex: None,
+            all_linear: false,
+        };
+        match config.get("target_modules") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "all-linear" => t.all_linear = true,
+            Some(Value::String(s)) => {
+                t.regex = Some(Regex::new(&format!("^(?:{s})$")).map_err(|e| {
+                    format_err(
+                        config_path,
+                        "target_modules",
+                        format!("not a regex PEFT could match: {e}"),
+                    )
+                })?)
+            }
+            Some(Value::Array(items)) => {
+                t.names = items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            }
+            Some(v) => {
+                return Err(format_err(
+                    config_path,
+                    "target_modules",
+                    format!("must be a list of module names or a regex, got {v}"),
+                ))
+            }
+        }
+        Ok(t)
+    }
+
+    fn matches(&self, module: &str) -> bool {
+        self.all_linear
+            || self.regex.as_ref().is_some_and(|r| r.is_match(module))
+            || self
+                .names
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}")))
+    }
+}
+
+/// What one wrapper module's factors adapt: its own weight (a layer), or a parameter.
+enum Target {
+    Layer { module: String, embedding: bool },
+    Parameter { name: String },
+}
+
+/// Pairs each wrapper module with what it adapts. Nested `ParamWrapper`s of one module
+/// wrap its targeted parameters in the module's parameter order, the last outermost;
+/// that order is taken to be [`super::PARAMETER_ORDER`].
+fn resolve_targets(
+    factors: &BTreeMap<String, FactorKeys>,
+    targets: &[String],
+    layers: &TargetModules,
+    problems: &mut Vec<String>,
+) -> BTreeMap<String, Target> {
+    // A module of target_modules is a layer (its own LoRA); PEFT wraps its parameters
+    // only around it, under .base_layer.
+    let is_layer = |wrapper: &str, keys: &FactorKeys| {
+        let (module, depth) = unwrap_base_layers(wrapper);
+        keys.embedding || (depth == 0 && layers.matches(module)) || targeted_parameters(module, targets).is_empty()
+    };
+    let mut depths: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (wrapper, keys) in factors {
+        if !is_layer(wrapper, keys) {
+            let (module, depth) = unwrap_base_layers(wrapper);
+            depths.entry(module).or_default().push(depth);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (wrapper, keys) in factors {
+        let (module, depth) = unwrap_base_layers(wrapper);
+        let params = targeted_parameters(module, targets);
+        if is_layer(wrapper, keys) {
+            if depth > 0 {
+                problems.push(format!(
+                    "{wrapper}: LoRA factors on a nested base_layer, but no entry of target_parameters names a \
+                     parameter of {module}"
+                ));
+                continue;
+            }
+            out.insert(
+                wrapper.clone(),
+                Target::Layer {
+                    module: module.to_string(),
+                    embedding: keys.embedding,
+                },
+            );
+            continue;
+        }
+        let mut params = params;
+        super::sort_parameters(&mut params);
+        let n = depths[module].len();
+        let contiguous = (0..n).all(|d| depths[module].contains(&d));
+        if params.len() != n || !contiguous {
+            problems.push(format!(
+                "{module}: {n} nested ParamWrapper(s) in the file but target_parameters names {} parameter(s) of it \
+                 ({}): cannot tell which parameter each adapts",
+                params.len(),
+                params.join(", ")
+            ));
+            continue;
+        }
+        // depth 0 (outermost) wraps the last parameter
+        let param = &params[n - 1 - depth];
+        out.insert(
+            wrapper.clone(),
+            Target::Parameter {
+                name: format!("{module}.{param}"),
+            },
+        );
+    }
+    out
 }
 
 /// Integer and boolean dtypes (counters such as BatchNorm's `num_batches_tracked`).
@@ -454,15 +671,44 @@ impl RankRules {
     }
 }
 
+/// The rank-r product a module's factors form: `(r, d_in, d_out, kernel)`, or why not.
+/// `A` is `(r, d_in)`, or `(r, c_in, *kernel)` for a conv with `B` `(d_out, r, 1, ...)`.
+fn factor_dims(
+    module: &str,
+    a: &[usize],
+    b: &[usize],
+) -> std::result::Result<(usize, usize, usize, Vec<usize>), String> {
+    let not_product = || format!("{module}: lora_A {a:?} and lora_B {b:?} do not form a rank-r product");
+    if a.len() < 2 || a.len() > 5 || b.len() != a.len() {
+        return Err(not_product());
+    }
+    let kernel = a[2..].to_vec();
+    if b[2..].iter().any(|&k| k != 1) {
+        return Err(format!(
+            "{module}: a conv lora_B {b:?} with a kernel other than 1 is not a LoRA PEFT writes"
+        ));
+    }
+    let (r, d_out, r_b) = (a[0], b[0], b[1]);
+    let d_in = a[1..].iter().product::<usize>();
+    if r != r_b || r == 0 || d_in == 0 || d_out == 0 {
+        return Err(not_product());
+    }
+    Ok((r, d_in, d_out, kernel))
+}
+
 /// Checks one module's factors against each other and the config.
 fn check_module(
     file: &SafetensorsFile,
-    module: &str,
+    target: &Target,
     a_key: String,
     b_key: String,
     rules: &RankRules,
     config_path: &Path,
-) -> Result<std::result::Result<PeftModule, String>> {
+) -> Result<std::result::Result<(String, PeftModule), String>> {
+    let module = match target {
+        Target::Layer { module, .. } => module.as_str(),
+        Target::Parameter { name } => name.as_str(),
+    };
     let (ai, _) = file.tensor(&a_key)?;
     let (bi, _) = file.tensor(&b_key)?;
     let bad: Vec<String> = [ai.dtype, bi.dtype]
@@ -476,20 +722,26 @@ fn check_module(
             bad.join(", ")
         )));
     }
-    if ai.shape.len() != 2 || bi.shape.len() != 2 {
-        return Ok(Err(format!(
-            "{module}: factors of shape {:?} and {:?} are not matrices (convolution LoRA is not supported)",
+    let embedding = matches!(target, Target::Layer { embedding: true, .. });
+    let dims = match target {
+        Target::Layer { .. } if !embedding => factor_dims(module, &ai.shape, &bi.shape),
+        // an embedding's and a ParamWrapper's factors are matrices
+        _ if ai.shape.len() != 2 || bi.shape.len() != 2 => Err(format!(
+            "{module}: factors of shape {:?} and {:?} are not matrices",
             ai.shape, bi.shape
-        )));
-    }
-    let (r, d_in, d_out, r_b) = (ai.shape[0], ai.shape[1], bi.shape[0], bi.shape[1]);
-    if r != r_b || r == 0 || d_in == 0 || d_out == 0 {
-        return Ok(Err(format!(
-            "{module}: lora_A {:?} and lora_B {:?} do not form a rank-r product",
-            ai.shape, bi.shape
-        )));
-    }
+        )),
+        _ => factor_dims(module, &ai.shape, &bi.shape),
+    };
+    let (rows, d_in, d_out, kernel) = match dims {
+        Ok(d) => d,
+        Err(problem) => return Ok(Err(problem)),
+    };
     let expected = rules.rank(module, config_path)?;
+    // A ParamWrapper's factors have E * r rows (columns of B): E experts of rank r.
+    let (r, experts) = match target {
+        Target::Parameter { .. } if rows % expected == 0 && rows / expected > 1 => (expected, Some(rows / expected)),
+        _ => (rows, None),
+    };
     if r != expected {
         return Ok(Err(format!(
             "{module}: the factors have rank {r} but the config gives {expected} (r / rank_pattern); PEFT could not \
@@ -497,15 +749,28 @@ fn check_module(
         )));
     }
     let alpha = rules.alpha(module, config_path)?;
-    Ok(Ok(PeftModule {
-        a_key,
-        b_key,
-        rank: r,
-        d_in,
-        d_out,
-        alpha,
-        scale: rules.scaling.scale(alpha, r),
-    }))
+    let kind = match target {
+        Target::Layer { embedding: true, .. } => ModuleKind::Embedding,
+        Target::Layer { .. } if !kernel.is_empty() => ModuleKind::Conv,
+        Target::Layer { .. } => ModuleKind::Linear,
+        Target::Parameter { .. } => ModuleKind::Parameter,
+    };
+    Ok(Ok((
+        module.to_string(),
+        PeftModule {
+            a_key,
+            b_key,
+            rank: r,
+            d_in,
+            d_out,
+            alpha,
+            scale: rules.scaling.scale(alpha, r),
+            kind,
+            kernel,
+            experts,
+            b_interleaved: experts.is_some(),
+        },
+    )))
 }
 
 impl PeftAdapter {
@@ -521,19 +786,46 @@ impl PeftAdapter {
         let saved = modules_to_save(&config, &config_path)?;
         let file = open_weights(dir)?;
 
+        let params = target_parameters(&config, &config_path)?;
         let mut problems = vec![];
+        let mut warnings = warnings;
         let keys = classify_keys(&file, &saved, &mut problems);
+        let layers = TargetModules::read(&config, &config_path)?;
+        let targets = resolve_targets(&keys.factors, &params, &layers, &mut problems);
         let mut modules = BTreeMap::new();
-        for (module, (a, b)) in keys.factors {
-            let (Some(a_key), Some(b_key)) = (a, b) else {
-                problems.push(format!("{module}: lora_A.weight or lora_B.weight is missing"));
+        for (wrapper, factors) in keys.factors {
+            let Some(target) = targets.get(&wrapper) else {
+                continue; // a problem is already recorded
+            };
+            let (Some(a_key), Some(b_key)) = (factors.a.clone(), factors.b.clone()) else {
+                let (a, b) = if factors.embedding {
+                    ("lora_embedding_A", "lora_embedding_B")
+                } else {
+                    ("lora_A.weight", "lora_B.weight")
+                };
+                let missing = if factors.a.is_none() { a } else { b };
+                problems.push(format!("{wrapper}: {missing} is missing"));
                 continue;
             };
-            match check_module(&file, &module, a_key, b_key, &rules, &config_path)? {
-                Ok(m) => {
-                    modules.insert(module, m);
+            match check_module(&file, target, a_key, b_key, &rules, &config_path)? {
+                Ok((name, m)) => {
+                    if modules.insert(name.clone(), m).is_some() {
+                        problems.push(format!("{name}: adapted twice"));
+                    }
                 }
                 Err(problem) => problems.push(problem),
+            }
+        }
+        for (module, key) in &keys.base_weights {
+            match modules.get(module) {
+                Some(m) if m.kind == ModuleKind::Embedding => warnings.push(format!(
+                    "{}: {key} is a copy of the base embedding weight (PEFT's save_embedding_layers); the merge and \
+                     the import use the base model's own {module}.weight",
+                    dir.display()
+                )),
+                _ => problems.push(format!(
+                    "{key}: unrecognised tensor name (a base_layer weight of a module without embedding LoRA)"
+                )),
             }
         }
         if !problems.is_empty() {
