@@ -298,3 +298,61 @@ def test_tied_embedding_trains_but_refuses_the_in_memory_merge():
     with pytest.raises(ValueError, match="tied to lm_head"):
         asymlora.merge_adapter(model)
     assert torch.equal(model.lm_head.weight, w) and not model.embed.merged
+
+
+def test_save_and_load_round_trip_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    model = Net(nn.Conv1d(12, 10, 3, padding=1))
+    asymlora.wrap(model, LoraConfig(r=3, alpha=6, target_modules=["embed", "conv"]))
+    randomize_b(model)
+    ids = torch.randint(0, 50, (2, 6))
+    out = model(ids)
+    path = tmp_path / "kinds.safetensors"
+    asymlora.save_adapter(model, path)
+    cfg = asymlora.read_adapter(path).config
+    assert cfg.modules["embed"].kind == "embedding" and cfg.modules["conv"].kind == "conv"
+    assert tuple(cfg.modules["conv"].kernel) == (3,) and cfg.modules["conv"].d_in == 36
+    fresh = Net(nn.Conv1d(12, 10, 3, padding=1))
+    fresh.load_state_dict(asymlora.unwrap(model, merge=False).state_dict())
+    asymlora.load_adapter(fresh, path)
+    assert torch.equal(fresh(ids), out)
+
+
+def test_load_refuses_another_kind_by_name(tmp_path):
+    torch.manual_seed(0)
+    model = Net(nn.Conv1d(12, 10, 3, padding=1))
+    asymlora.wrap(model, LoraConfig(r=3, target_modules=["conv"]))
+    path = tmp_path / "conv.safetensors"
+    asymlora.save_adapter(model, path)
+    other = Net(nn.Conv1d(12, 10, 3, padding=1))
+    other.conv = nn.Linear(36, 10)  # same W shape, another kind
+    with pytest.raises(
+        ValueError, match=r"conv: model has a linear, adapter a conv with kernel \(3,\)"
+    ):
+        asymlora.load_adapter(other, path)
+    assert isinstance(other.conv, nn.Linear)
+
+
+def test_offline_merge_of_a_saved_adapter_equals_the_adapted_model(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = Net(nn.Conv2d(12, 10, (3, 1), padding=(1, 0)))
+    model.forward = lambda ids: model.head(  # a 2-D conv over (tokens, 1)
+        model.conv(model.embed(ids).transpose(1, 2).unsqueeze(-1)).mean((-1, -2))
+    )
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    asymlora.wrap(model, LoraConfig(r=3, alpha=6, target_modules=["embed", "conv"]))
+    randomize_b(model)
+    ids = torch.randint(0, 50, (2, 6))
+    out = model(ids)
+    save_file(base_state, tmp_path / "model.safetensors")
+    asymlora.save_adapter(model, tmp_path / "a.safetensors")
+    asymlora.merge_files(
+        tmp_path / "model.safetensors", tmp_path / "a.safetensors", tmp_path / "out"
+    )
+    out_path = tmp_path / "out"
+    merged = load_file(out_path if out_path.is_file() else next(out_path.glob("*.safetensors")))
+    plain = asymlora.unwrap(model, merge=False)
+    plain.load_state_dict(merged)
+    torch.testing.assert_close(plain(ids), out, atol=1e-5, rtol=1e-5)

@@ -71,6 +71,8 @@ def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = No
             a_stored=not view.a_regenerated,
             rank=None if rank == config.r else rank,
             alpha=None if alpha == config.alpha else alpha,
+            kind=view.kind,
+            kernel=view.layer.kernel or None,
         )
         tensors[f"{module}.lora_B"] = to_numpy(full_tensor(view.lora_B))
         if not view.a_regenerated:
@@ -271,6 +273,8 @@ def _place(model: nn.Module, adapter: Adapter, *, adapted: bool = False) -> list
         target = as_target(model, name, module, adapted=adapted)
         if isinstance(target, str):
             problems.append(f"{name}: {target}")
+        elif (target.base.layer, target.base.kernel) != (m.kind, m.kernel or ()):
+            problems.append(f"{name}: model has {_kind_text(target)}, adapter {_kind_text(m)}")
         elif (target.d_in, target.d_out) != (m.d_in, m.d_out):
             problems.append(
                 f"{name}: model is {target.d_out}x{target.d_in} (d_out x d_in), "
@@ -280,6 +284,15 @@ def _place(model: nn.Module, adapter: Adapter, *, adapted: bool = False) -> list
             targets.append(target)
     _raise_if(problems, adapter)
     return targets
+
+
+def _kind_text(module: Target | ModuleConfig) -> str:
+    # "a linear", "a conv with kernel (3, 3)" for a mismatch message
+    if isinstance(module, Target):
+        kind, kernel = module.base.layer, module.base.kernel
+    else:
+        kind, kernel = module.kind, module.kernel or ()
+    return f"a {kind}" + (f" with kernel {tuple(kernel)}" if kernel else "")
 
 
 def _a_factors(
