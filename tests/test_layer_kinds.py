@@ -356,3 +356,38 @@ def test_offline_merge_of_a_saved_adapter_equals_the_adapted_model(tmp_path):
     plain = asymlora.unwrap(model, merge=False)
     plain.load_state_dict(merged)
     torch.testing.assert_close(plain(ids), out, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_computes_the_same_loss_and_b_gradients(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+
+    class Net2d(Net):
+        def forward(self, ids):
+            h = self.embed(ids).transpose(1, 2).unsqueeze(-1)
+            return self.head(self.conv(h).mean((-1, -2)))
+
+    base = Net2d(nn.Conv2d(12, 10, (3, 1), padding=(1, 0)))
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    ours = Net2d(nn.Conv2d(12, 10, (3, 1), padding=(1, 0)))
+    ours.load_state_dict(state)
+    asymlora.wrap(ours, LoraConfig(r=3, alpha=6, target_modules=["embed", "conv"]))
+    randomize_b(ours)
+    asymlora.save_adapter(ours, tmp_path / "a.safetensors")
+    asymlora.export_peft(tmp_path / "a.safetensors", tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a missing or unexpected key warns
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "peft", is_trainable=True)
+    ids = torch.randint(1, 50, (4, 7))
+    target = torch.randn(4, 4)
+    losses = []
+    for model in (ours, theirs):
+        loss = torch.nn.functional.mse_loss(model(ids), target)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-7)
+    peft_grads = {n: p.grad for n, p in theirs.named_parameters() if "lora_" in n and "B" in n}
+    embed_b = next(g for n, g in peft_grads.items() if "embed" in n)
+    conv_b = next(g for n, g in peft_grads.items() if "conv" in n)
+    torch.testing.assert_close(ours.embed.lora_B.grad, embed_b, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours.conv.lora_B.grad, conv_b.reshape(10, 3), atol=1e-6, rtol=1e-5)
