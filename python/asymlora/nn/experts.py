@@ -195,6 +195,32 @@ def as_parameter_target(
     )
 
 
+def place_parameter(
+    model: nn.Module, name: str, module: object, *, adapted: bool = False
+) -> ParamTarget | str:
+    """Parameter ``name`` of ``model`` as the target of an adapter file's parameter
+    ``module`` (its ModuleConfig), or why it cannot be (no such parameter, already
+    adapted without ``adapted``, or another shape, expert count or layout)."""
+    owner_name, _, param_name = name.rpartition(".")
+    try:
+        host = model.get_submodule(owner_name)
+    except AttributeError:
+        return f"no module {owner_name!r} in {type(model).__name__}"
+    owner = host.base_layer if isinstance(host, ParametersWrapper) else host
+    if not isinstance(owner._parameters.get(param_name), nn.Parameter):
+        return f"no parameter {param_name!r} in {owner_name} ({type(owner).__name__})"
+    if isinstance(host._modules.get(param_name), ParamLoraLayer) and not adapted:
+        return "already adapted"
+    target = as_parameter_target(name, owner_name, owner, param_name)
+    if isinstance(target, str):
+        return target
+    want = (module.experts, bool(module.transposed), module.d_out, module.d_in)
+    have = (target.experts, target.transposed, target.d_out, target.d_in)
+    if want != have:
+        return f"model has (experts, transposed, d_out, d_in) = {have}, adapter {want}"
+    return target
+
+
 def _matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
