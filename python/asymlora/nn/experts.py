@@ -469,6 +469,12 @@ def refusal(what: str) -> str:
     )
 
 
+def is_parameter_module(module: object) -> bool:
+    """Whether an adapter file's module (its ModuleConfig) is an adapted parameter."""
+    # getattr: a ModuleConfig from before issue 15's kind field is a linear module
+    return getattr(module, "kind", "linear") == PARAMETER_KIND
+
+
 def file_fields(layer: LoraLayer) -> dict[str, object]:
     """The adapter-file module fields of ``layer`` besides the linear ones: ``kind``,
     ``experts`` and ``transposed`` of a parameter (omitted when default)."""

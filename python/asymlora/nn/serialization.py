@@ -23,9 +23,9 @@ from asymlora.lora_config import LoraConfig
 from asymlora.nn.distributed.dtensor import copy_into, full_tensor
 from asymlora.nn.distributed.process import is_main_process, model_class, unwrap_parallel
 from asymlora.nn.experts import (
-    PARAMETER_KIND,
     expert_count,
     file_fields,
+    is_parameter_module,
     place_parameter,
 )
 from asymlora.nn.factory import (
@@ -248,8 +248,8 @@ def _fit_problems(layers: Mapping[str, AdapterView], cfg: AdapterConfig, seed: i
 def _module_fit_problem(name: str, layer: AdapterView, cfg: AdapterConfig, seed: int) -> str | None:
     m = cfg.modules[name]
     experts = getattr(layer, "experts", None)  # only a parameter's view has experts
-    if experts != m.experts:
-        return f"model has {experts or 'no'} experts, adapter {m.experts or 'no'}"
+    if experts != getattr(m, "experts", None):
+        return f"model has {experts or 'no'} experts, the adapter another count"
     if (layer.rank, layer.d_in, layer.d_out) != (cfg.module_rank(name), m.d_in, m.d_out):
         return (
             f"model has rank {layer.rank}, {layer.d_out}x{layer.d_in}; "
@@ -274,7 +274,7 @@ def _place(model: nn.Module, adapter: Adapter, *, adapted: bool = False) -> list
     problems = []
     targets = []
     for name, m in cfg.modules.items():
-        if m.kind == PARAMETER_KIND:
+        if is_parameter_module(m):
             target = place_parameter(model, name, m, adapted=adapted)
             if isinstance(target, str):
                 problems.append(f"{name}: {target}")
@@ -309,7 +309,7 @@ def _a_factors(
     arrays = generated_factors(
         [(cfg.module_rank(n), cfg.modules[n].d_in) for n in regenerated],
         [cfg.modules[n].stream for n in regenerated],
-        [cfg.modules[n].experts for n in regenerated],
+        [getattr(cfg.modules[n], "experts", None) for n in regenerated],
         seed=cfg.seed,
         dtype=cfg.a_dtype,
         gain=cfg.a_gain,
@@ -372,7 +372,7 @@ def _saved_tensors(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tens
 def _config_from(adapter: Adapter, is_trainable: bool) -> LoraConfig:
     cfg = adapter.config
     names = list(cfg.modules)
-    params = tuple(n for n in names if cfg.modules[n].kind == PARAMETER_KIND)
+    params = tuple(n for n in names if is_parameter_module(cfg.modules[n]))
     any_stored = any(m.a_stored for m in cfg.modules.values())
     exact = {re.escape(n): n for n in names}
     return LoraConfig(
