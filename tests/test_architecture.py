@@ -37,6 +37,7 @@ NN_LAYERS = (
     ("layer",),  # the adapted layer
     ("model", "targets", "routing", "kbit"),  # a wrapped model; what can be adapted; routes;
     # readying a quantised model for training
+    ("experts",),  # adapted parameters (target_parameters): their layer, wrapper, targets
     ("distributed.process", "distributed.dtensor"),
     ("distributed.ddp",),
     ("distributed.fingerprint",),

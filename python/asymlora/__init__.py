@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # static tools see the lazily loaded names below
         wrap,
     )
     from asymlora.nn.distributed import adapter_fingerprint, check_ranks
+    from asymlora.nn.experts import ParametersWrapper, ParamLoraLayer
     from asymlora.nn.serialization import load_adapter, save_adapter
 
 # The torch layer loads on first use, so `import asymlora` (and the CLI) never pays
@@ -79,6 +80,9 @@ _TORCH_API = {
     "AsymloraCallback": "asymlora.integrations.transformers",
     "prepare_model_for_kbit_training": "asymlora.nn",
     "quantize_bnb": "asymlora.nn",
+    # target_parameters (MoE experts): see docs/experts.md
+    "ParamLoraLayer": "asymlora.nn.experts",
+    "ParametersWrapper": "asymlora.nn.experts",
 }
 
 
@@ -122,6 +126,8 @@ __all__ = [
     "MergeReport",
     "ModuleConfig",
     "NonFiniteError",
+    "ParamLoraLayer",
+    "ParametersWrapper",
     "QuantizedBaseError",
     "SafetensorsError",
     "__version__",

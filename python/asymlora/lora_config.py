@@ -17,7 +17,7 @@ A_INITS = ("orthogonal", "kaiming")
 #: ``target_modules`` value that selects every linear layer except the output head, as in PEFT.
 ALL_LINEAR = "all-linear"
 
-TargetModules = Union[str, Sequence[str]]
+TargetModules = Union[str, Sequence[str], None]
 V = TypeVar("V")
 
 
@@ -44,6 +44,14 @@ class LoraConfig:
             adapter, e.g. a classifier head.
         rank_pattern: module-name pattern -> rank, as in PEFT.
         alpha_pattern: module-name pattern -> alpha, as in PEFT.
+        target_parameters: parameter names (PEFT's ``target_parameters``): a parameter
+            is selected when its full name equals an entry or ends with ``"." + entry``
+            (``["experts.gate_up_proj", "experts.down_proj"]``). 2-D parameters are
+            adapted as one matrix, 3-D ones ``(E, d_out, d_in)`` (MoE experts) with one
+            ``A_e``, ``B_e`` per expert; see ``docs/experts.md``. With them,
+            ``target_modules`` may be ``None`` or empty (only parameters adapted);
+            ``dropout`` must be 0 (as in PEFT: the update is added to the weight, there is
+            no branch input to drop).
     """
 
     r: int = 8
@@ -57,6 +65,7 @@ class LoraConfig:
     modules_to_save: Sequence[str] = ()
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    target_parameters: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         check_uint("LoraConfig.r", self.r, minimum=1)
@@ -73,13 +82,15 @@ class LoraConfig:
         dropout = check_finite("LoraConfig.dropout", self.dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {dropout}")
+        self._check_target_parameters(dropout)
         if isinstance(self.target_modules, str):
             if self.target_modules != ALL_LINEAR:
                 _compile("LoraConfig.target_modules", self.target_modules)
         else:
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-            if not self.target_modules:
-                raise ValueError("LoraConfig.target_modules is empty")
+            modules = () if self.target_modules is None else tuple(self.target_modules)
+            object.__setattr__(self, "target_modules", modules)
+            if not modules and not self.target_parameters:
+                raise ValueError("LoraConfig.target_modules is empty (and no target_parameters)")
         if isinstance(self.modules_to_save, str):
             raise ValueError("LoraConfig.modules_to_save must be a list of names, not a string")
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
@@ -89,6 +100,28 @@ class LoraConfig:
             check_finite(f"LoraConfig.alpha_pattern[{key!r}]", alpha)
         _pattern_rule(tuple(self.rank_pattern), "LoraConfig.rank_pattern")
         _pattern_rule(tuple(self.alpha_pattern), "LoraConfig.alpha_pattern")
+
+    def _check_target_parameters(self, dropout: float) -> None:
+        if isinstance(self.target_parameters, str):
+            raise ValueError(
+                "LoraConfig.target_parameters must be a list of parameter names, not a string"
+            )
+        names = tuple(self.target_parameters)
+        object.__setattr__(self, "target_parameters", names)
+        bad = [n for n in names if not isinstance(n, str) or not n]
+        if bad:
+            raise ValueError(f"LoraConfig.target_parameters has an empty or non-str {bad[0]!r}")
+        if names and dropout > 0:
+            raise ValueError(
+                f"LoraConfig.dropout={dropout} cannot apply to target_parameters (the update "
+                "is added to the parameter, there is no branch input to drop; PEFT refuses it "
+                "too); use dropout=0"
+            )
+
+    def targets_parameter(self, name: str) -> bool:
+        """Whether the parameter called ``name`` (full name) is selected by
+        ``target_parameters`` (PEFT's rule: equal, or ending with ``"." + entry``)."""
+        return any(suffix_matches(name, t) for t in self.target_parameters)
 
     @property
     def a_frozen(self) -> bool:

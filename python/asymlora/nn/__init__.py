@@ -13,6 +13,8 @@ Modules, by job (each imports only those above it in this list):
   :func:`prepare_model_for_kbit_training` (PEFT's helper for quantised models);
 - ``routing``: what the layers compute inside ``disable_adapters`` / ``per_sample_adapters``;
 - ``distributed``: rank check, DDP ignore list, FSDP2 gather and scatter;
+- ``experts``: ``target_parameters``: :class:`ParamLoraLayer` (one adapted 2-D or 3-D
+  parameter, e.g. MoE experts) inside a :class:`ParametersWrapper` around its owner;
 - ``factory``: builds each adapted layer and installs the layers into a model;
 - ``adapters``: several adapters on one model: :func:`set_adapter`, :func:`list_adapters`,
   :func:`delete_adapter`, :func:`disable_adapters`, :func:`per_sample_adapters`;
@@ -27,6 +29,7 @@ from asymlora.nn.adapters import (
     per_sample_adapters,
     set_adapter,
 )
+from asymlora.nn.experts import ParametersWrapper, ParamLoraLayer
 from asymlora.nn.kbit import prepare_model_for_kbit_training, quantize_bnb
 from asymlora.nn.layer import DEFAULT_ADAPTER, AdapterView, LoraLayer
 from asymlora.nn.model import (
@@ -44,6 +47,8 @@ __all__ = [
     "DEFAULT_ADAPTER",
     "AdapterView",
     "LoraLayer",
+    "ParamLoraLayer",
+    "ParametersWrapper",
     "TrainableSummary",
     "active_adapter",
     "config_of",

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from asymlora.nn.distributed.ddp import exclude_frozen_factors_from_ddp
+from asymlora.nn.experts import check_no_parameter_layers, remove_layer
 from asymlora.nn.factory import uninstall_layers
 from asymlora.nn.layer import LoraLayer, Route
 from asymlora.nn.model import (
@@ -24,7 +25,6 @@ from asymlora.nn.model import (
     config_of,
     lora_layers,
     remove_config,
-    replace_module,
 )
 from asymlora.nn.routing import ALGORITHMS, DisabledRoute, PerSampleRoute
 
@@ -94,7 +94,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         if layer.has_adapter(adapter_name):
             layer.remove_adapter(adapter_name)
             if not layer.adapter_names:
-                replace_module(model, name, layer.base_layer)
+                remove_layer(model, name, layer)
     remove_config(model, adapter_name)
     activate(model, active_adapter(model))
     exclude_frozen_factors_from_ddp(model)
@@ -141,9 +141,12 @@ def per_sample_adapters(
 
     Raises:
         ValueError: an unknown adapter name, an empty ``names``, an adapter is merged,
-            or (at forward) a batch whose size is not ``len(names)``.
+            the model has adapted parameters (``target_parameters``: their update is
+            in the weight every row uses, as PEFT refuses too), or (at forward) a batch
+            whose size is not ``len(names)``.
     """
     config_of(model)
+    check_no_parameter_layers(model, "per_sample_adapters")
     names = _checked_names(model, names)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")

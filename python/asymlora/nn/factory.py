@@ -19,6 +19,14 @@ from torch import nn
 from asymlora.lora_config import LoraConfig
 from asymlora.nn.base import BaseInfo
 from asymlora.nn.distributed.ddp import exclude_frozen_factors_from_ddp
+from asymlora.nn.experts import (
+    ParamLoraLayer,
+    ParamTarget,
+    expert_count,
+    factor_shapes,
+    install_parameter_layer,
+    remove_layer,
+)
 from asymlora.nn.layer import DEFAULT_ADAPTER, LoraLayer
 from asymlora.nn.model import (
     active_adapter,
@@ -31,7 +39,7 @@ from asymlora.nn.model import (
 )
 from asymlora.nn.targets import Target
 from asymlora.nn.tensors import to_torch
-from asymlora.orthogonal import random_orthogonal, random_orthogonal_many
+from asymlora.orthogonal import random_orthogonal_many
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,20 @@ class AdapterSpec:
 
 
 def a_identity(
-    *, generator: str, seed: int, stream: int, rank: int, d_in: int, dtype: str, gain: float
+    *,
+    generator: str,
+    seed: int,
+    stream: int,
+    rank: int,
+    d_in: int,
+    dtype: str,
+    gain: float,
+    experts: int | None = None,
 ) -> tuple[object, ...]:
-    """What makes two regenerated ``A`` the same tensor: the generator and its inputs."""
-    return (generator, int(seed), int(stream), int(rank), int(d_in), dtype, float(gain))
+    """What makes two regenerated ``A`` the same tensor: the generator and its inputs
+    (``experts``: the number of expert blocks of a 3-D parameter's ``A``)."""
+    key = (generator, int(seed), int(stream), int(rank), int(d_in), dtype, float(gain))
+    return key if experts is None else (*key, "experts", int(experts))
 
 
 def build_layer(
@@ -84,12 +102,30 @@ def build_layer(
     a quantised layer's compute dtype, :class:`~asymlora.nn.base.BaseInfo`).
 
     Raises:
-        ValueError: a factor's shape is not ``rank x d_in`` (A) or ``d_out x rank`` (B).
+        ValueError: a factor's shape is not ``rank x d_in`` (A) or ``d_out x rank`` (B)
+            (with a leading ``E`` for a 3-D parameter).
     """
     target = spec.target
-    _check_shape("lora_A", lora_A, (spec.rank, target.d_in), spec.name)
-    _check_shape("lora_B", lora_B, (target.d_out, spec.rank), spec.name)
+    shape_a, shape_b = factor_shapes(target, spec.rank)
+    _check_shape("lora_A", lora_A, shape_a, spec.name)
+    _check_shape("lora_B", lora_B, shape_b, spec.name)
     base = target.base
+    if isinstance(target, ParamTarget):
+        return ParamLoraLayer(
+            target.module,
+            target.param_name,
+            _placed(lora_A, base, spec.dtype_A, trained=spec.train_A),
+            _placed(lora_B, base, spec.dtype_B, trained=spec.train_B),
+            experts=target.experts,
+            transposed=target.transposed,
+            scale=spec.scale,
+            stream=spec.stream,
+            train_A=spec.train_A,
+            train_B=spec.train_B,
+            a_regenerated=spec.a_regenerated,
+            adapter_name=adapter_name,
+            a_identity=spec.a_identity,
+        )
     return LoraLayer(
         target.module,
         _placed(lora_A, base, spec.dtype_A, trained=spec.train_A),
@@ -133,6 +169,9 @@ def install_layers(
             for _, factor in layer.adapter(adapter_name).factors():
                 factor.requires_grad_(False)
     for name, layer in layers:
+        if isinstance(layer, ParamLoraLayer):  # an adapted parameter: into its owner's wrapper
+            install_parameter_layer(model, name, layer)
+            continue
         current = model.get_submodule(name)
         if isinstance(current, LoraLayer):
             current.take_adapter(layer, adapter_name)
@@ -150,7 +189,10 @@ def existing_a(model: nn.Module, spec: AdapterSpec) -> torch.Tensor | None:
     the same :attr:`AdapterSpec.a_identity`, else ``None`` (it is to be built)."""
     if spec.a_identity is None:
         return None
-    layer = model.get_submodule(spec.name)
+    try:
+        layer = model.get_submodule(spec.name)
+    except AttributeError:  # a parameter not adapted yet
+        return None
     if not isinstance(layer, LoraLayer):
         return None
     for name in layer.adapter_names:
@@ -174,7 +216,7 @@ def uninstall_layers(model: nn.Module, *, merge: bool) -> None:
             layer.merge()
         else:
             layer.unmerge()
-        replace_module(model, name, layer.base_layer)
+        remove_layer(model, name, layer)
     clear_config(model)
     exclude_frozen_factors_from_ddp(model)  # takes the adapter's names off DDP's list
 
@@ -211,21 +253,49 @@ def initial_factors(
     same ``A``, already held by another adapter) is taken as it is, not generated.
     """
     if config.train == "A":
-        return [(torch.zeros(s.rank, s.target.d_in), _orthogonal_b(s, config.seed)) for s in specs]
+        b_init = _orthogonal_b(specs, config.seed, threads)
+        return [(torch.zeros(factor_shapes(s.target, s.rank)[0]), b) for s, b in zip(specs, b_init)]
     if config.a_init == "kaiming":
         a_init = [_kaiming_a(s, config.seed) for s in specs]
     else:
         known = known or {}
         todo = [s for s in specs if s.name not in known]
-        arrays = random_orthogonal_many(
+        arrays = generated_factors(
             [(s.rank, s.target.d_in) for s in todo],
+            [s.stream for s in todo],
+            [expert_count(s.target) for s in todo],
             seed=config.seed,
-            streams=[s.stream for s in todo],
             threads=threads,
         )
-        made = {s.name: to_torch(a) for s, a in zip(todo, arrays)}
+        made = {s.name: a for s, a in zip(todo, arrays)}
         a_init = [known[s.name] if s.name in known else made[s.name] for s in specs]
-    return [(a, torch.zeros(s.target.d_out, s.rank)) for s, a in zip(specs, a_init)]
+    return [(a, torch.zeros(factor_shapes(s.target, s.rank)[1])) for s, a in zip(specs, a_init)]
+
+
+def generated_factors(
+    shapes: Sequence[tuple[int, int]],
+    streams: Sequence[int],
+    experts: Sequence[int | None],
+    *,
+    seed: int,
+    dtype: str = "float32",
+    gain: float = 1.0,
+    threads: int | None = None,
+) -> list[torch.Tensor]:
+    """The generator's ``rows x cols`` output per module at its stream (in parallel); a
+    module of ``E`` experts gets ``(E, rows, cols)``, expert ``e`` from stream ``+ e``."""
+    counts = [1 if e is None else e for e in experts]
+    flat_shapes = [shape for shape, n in zip(shapes, counts) for _ in range(n)]
+    flat_streams = [stream + e for stream, n in zip(streams, counts) for e in range(n)]
+    arrays = random_orthogonal_many(
+        flat_shapes, seed=seed, streams=flat_streams, dtype=dtype, gain=gain, threads=threads
+    )
+    made, start = [], 0
+    for e, n in zip(experts, counts):
+        blocks = [to_torch(a) for a in arrays[start : start + n]]
+        made.append(blocks[0] if e is None else torch.stack(blocks))
+        start += n
+    return made
 
 
 def factor_dtype(weight_dtype: torch.dtype, *, trained: bool) -> torch.dtype:
@@ -255,21 +325,36 @@ def _placed(
     return factor.to(device=base.device, dtype=dtype)
 
 
-def _orthogonal_b(spec: AdapterSpec, seed: int) -> torch.Tensor:
-    # A frozen B (train="A"): the transpose of the generator's r x d_out rows.
-    rows = random_orthogonal(spec.rank, spec.target.d_out, seed=seed, stream=spec.stream)
-    return to_torch(rows.T)
+def _orthogonal_b(
+    specs: Sequence[AdapterSpec], seed: int, threads: int | None
+) -> list[torch.Tensor]:
+    # A frozen B (train="A"): the transpose of the generator's r x d_out rows (per expert).
+    rows = generated_factors(
+        [(s.rank, s.target.d_out) for s in specs],
+        [s.stream for s in specs],
+        [expert_count(s.target) for s in specs],
+        seed=seed,
+        threads=threads,
+    )
+    return [r.mT.contiguous() for r in rows]
 
 
 def _kaiming_a(spec: AdapterSpec, seed: int) -> torch.Tensor:
     # PEFT's init (kaiming_uniform_ with a=sqrt(5)); seeded per (seed, stream) so a run
     # repeats on one machine. Such an A is stored in the adapter file, never regenerated.
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + spec.stream) % 2**63)
+    # Expert e of a 3-D parameter is seeded with stream + e.
+    experts = expert_count(spec.target)
+    blocks = [_kaiming_block(spec, seed, spec.stream + e) for e in range(experts or 1)]
+    return blocks[0] if experts is None else torch.stack(blocks)
+
+
+def _kaiming_block(spec: AdapterSpec, seed: int, stream: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + stream) % 2**63)
     bound = 1.0 / math.sqrt(spec.target.d_in)
     a = torch.empty(spec.rank, spec.target.d_in, dtype=torch.float32)
     return a.uniform_(-bound, bound, generator=generator)
 
 
-def _check_shape(factor: str, value: torch.Tensor, expected: tuple[int, int], module: str) -> None:
+def _check_shape(factor: str, value: torch.Tensor, expected: tuple[int, ...], module: str) -> None:
     if tuple(value.shape) != expected:
         raise ValueError(f"{module}: {factor} has shape {tuple(value.shape)}, expected {expected}")

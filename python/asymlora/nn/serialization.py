@@ -22,11 +22,18 @@ from asymlora.errors import AdapterMismatchError
 from asymlora.lora_config import LoraConfig
 from asymlora.nn.distributed.dtensor import copy_into, full_tensor
 from asymlora.nn.distributed.process import is_main_process, model_class, unwrap_parallel
+from asymlora.nn.experts import (
+    expert_count,
+    file_fields,
+    is_parameter_module,
+    place_parameter,
+)
 from asymlora.nn.factory import (
     AdapterSpec,
     a_identity,
     build_layer,
     check_can_add,
+    generated_factors,
     install_layers,
     known_a,
     master_dtype,
@@ -35,7 +42,6 @@ from asymlora.nn.layer import DEFAULT_ADAPTER, AdapterView, LoraLayer, check_ada
 from asymlora.nn.model import active_adapter, check_adapter, config_of, is_wrapped, layers_of
 from asymlora.nn.targets import Target, as_target
 from asymlora.nn.tensors import to_numpy, to_torch
-from asymlora.orthogonal import random_orthogonal_many
 
 
 def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = None) -> None:
@@ -71,8 +77,8 @@ def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = No
             a_stored=not view.a_regenerated,
             rank=None if rank == config.r else rank,
             alpha=None if alpha == config.alpha else alpha,
-            kind=view.kind,
-            kernel=view.layer.kernel or None,
+            # a parameter's kind and experts, else the layer kind (and a conv's kernel)
+            **(file_fields(view.layer) or {"kind": view.kind, "kernel": view.layer.kernel or None}),
         )
         tensors[f"{module}.lora_B"] = to_numpy(full_tensor(view.lora_B))
         if not view.a_regenerated:
@@ -188,6 +194,7 @@ def _spec(target: Target, adapter: Adapter, is_trainable: bool) -> AdapterSpec:
             d_in=m.d_in,
             dtype=cfg.a_dtype,
             gain=cfg.a_gain,
+            experts=expert_count(target),
         )
     return AdapterSpec(
         target,
@@ -241,6 +248,9 @@ def _fit_problems(layers: Mapping[str, AdapterView], cfg: AdapterConfig, seed: i
 
 def _module_fit_problem(name: str, layer: AdapterView, cfg: AdapterConfig, seed: int) -> str | None:
     m = cfg.modules[name]
+    experts = getattr(layer, "experts", None)  # only a parameter's view has experts
+    if experts != getattr(m, "experts", None):
+        return f"model has {experts or 'no'} experts, the adapter another count"
     if (layer.rank, layer.d_in, layer.d_out) != (cfg.module_rank(name), m.d_in, m.d_out):
         return (
             f"model has rank {layer.rank}, {layer.d_out}x{layer.d_in}; "
@@ -265,6 +275,13 @@ def _place(model: nn.Module, adapter: Adapter, *, adapted: bool = False) -> list
     problems = []
     targets = []
     for name, m in cfg.modules.items():
+        if is_parameter_module(m):
+            target = place_parameter(model, name, m, adapted=adapted)
+            if isinstance(target, str):
+                problems.append(f"{name}: {target}")
+            else:
+                targets.append(target)
+            continue
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -301,15 +318,16 @@ def _a_factors(
     # A per module: stored, already held by the model (``known``), or regenerated.
     cfg = adapter.config
     regenerated = [n for n, m in cfg.modules.items() if not m.a_stored and n not in known]
-    arrays = random_orthogonal_many(
+    arrays = generated_factors(
         [(cfg.module_rank(n), cfg.modules[n].d_in) for n in regenerated],
+        [cfg.modules[n].stream for n in regenerated],
+        [getattr(cfg.modules[n], "experts", None) for n in regenerated],
         seed=cfg.seed,
-        streams=[cfg.modules[n].stream for n in regenerated],
         dtype=cfg.a_dtype,
         gain=cfg.a_gain,
         threads=threads,
     )
-    factors = {n: to_torch(a) for n, a in zip(regenerated, arrays)}
+    factors = dict(zip(regenerated, arrays))
     factors.update(known)
     for name, m in cfg.modules.items():
         if m.a_stored:
@@ -366,12 +384,14 @@ def _saved_tensors(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tens
 def _config_from(adapter: Adapter, is_trainable: bool) -> LoraConfig:
     cfg = adapter.config
     names = list(cfg.modules)
+    params = tuple(n for n in names if is_parameter_module(cfg.modules[n]))
     any_stored = any(m.a_stored for m in cfg.modules.values())
     exact = {re.escape(n): n for n in names}
     return LoraConfig(
         r=cfg.rank,
         alpha=cfg.alpha,
-        target_modules=tuple(names),
+        target_modules=tuple(n for n in names if n not in params),
+        target_parameters=params,
         train=("AB" if any_stored else "B") if is_trainable else "B",
         seed=cfg.seed,
         rslora=cfg.rslora,

@@ -9,6 +9,7 @@ from torch import nn
 
 from asymlora.lora_config import LoraConfig
 from asymlora.nn.distributed.fingerprint import check_layers, should_check
+from asymlora.nn.experts import expert_count, find_all_targets, stream_width
 from asymlora.nn.factory import (
     AdapterSpec,
     a_identity,
@@ -21,7 +22,7 @@ from asymlora.nn.factory import (
 )
 from asymlora.nn.layer import DEFAULT_ADAPTER, LoraLayer, check_adapter_name
 from asymlora.nn.model import active_adapter, is_wrapped, lora_layers
-from asymlora.nn.targets import Target, find_targets, modules_to_save
+from asymlora.nn.targets import Target, modules_to_save
 
 
 def wrap(
@@ -43,9 +44,13 @@ def wrap(
     its ``B``.
 
     Every ``nn.Linear`` or transformers ``Conv1D`` selected by ``config.target_modules``
-    becomes a :class:`LoraLayer`; all other parameters are frozen except those of
-    ``config.modules_to_save``. Module ``i`` (in ``named_modules`` order) gets stream
-    ``i``: its frozen ``A`` is ``random_orthogonal(r, d_in, seed=config.seed, stream=i)``.
+    becomes a :class:`LoraLayer`, and every parameter selected by
+    ``config.target_parameters`` gets a :class:`~asymlora.nn.experts.ParamLoraLayer`
+    (see ``docs/experts.md``); all other parameters are frozen except those of
+    ``config.modules_to_save``. Module ``i`` (in ``named_modules`` order, the adapted
+    parameters after the modules) gets stream ``i``: its frozen ``A`` is
+    ``random_orthogonal(r, d_in, seed=config.seed, stream=i)``; a 3-D parameter of ``E``
+    experts takes streams ``i .. i + E - 1``, one per expert.
 
     Under ``torch.distributed`` every rank regenerates the same ``A``; nothing about it
     is broadcast (frozen factors are on ``DistributedDataParallel``'s ignore list). With
@@ -72,7 +77,7 @@ def wrap(
             "model is already wrapped; call asymlora.unwrap(model) first, or pass "
             "adapter_name to add another adapter"
         )
-    targets = find_targets(model, config, adapted=adding)
+    targets = find_all_targets(model, config, adapted=adding)
     saved = modules_to_save(model, config, {t.name for t in targets})
     layers = build_layers(targets, config, threads=threads, adapter_name=name, model=model)
     named = [(target.name, layer) for target, layer in zip(targets, layers)]
@@ -95,10 +100,15 @@ def build_layers(
 ) -> list[LoraLayer]:
     """Adapter layers around each target's module, initialised per ``config``.
 
-    Target ``i`` gets generator stream ``i``. An ``A`` that an adapter of ``model``
-    already holds for the module (same generator output) is reused, not generated.
+    Target ``i`` gets generator stream ``i`` (after the ``E`` streams of each 3-D
+    parameter before it). An ``A`` that an adapter of ``model`` already holds for the
+    module (same generator output) is reused, not generated.
     """
-    specs = [adapter_spec(target, stream, config) for stream, target in enumerate(targets)]
+    streams, next_stream = [], 0
+    for target in targets:
+        streams.append(next_stream)
+        next_stream += stream_width(target)
+    specs = [adapter_spec(target, stream, config) for stream, target in zip(streams, targets)]
     known = known_a(model, specs) if model is not None else {}
     factors = initial_factors(specs, config, threads=threads, known=known)
     return [build_layer(spec, a, b, adapter_name) for spec, (a, b) in zip(specs, factors)]
@@ -117,6 +127,7 @@ def adapter_spec(target: Target, stream: int, config: LoraConfig) -> AdapterSpec
             d_in=target.d_in,
             dtype="float32",
             gain=1.0,
+            experts=expert_count(target),
         )
     return AdapterSpec(
         target,
