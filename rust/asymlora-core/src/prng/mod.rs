@@ -58,22 +58,78 @@ pub fn row_rng(seed: u64, stream: u64, row: u64) -> ChaCha12Rng {
     rng
 }
 
+/// The top 53 bits of a draw as a double, exactly. Converted through `i64` (the value
+/// is below 2^53, so both conversions are exact and equal): x86-64 has a one-instruction
+/// signed conversion, while `u64 as f64` needs a branchy sequence there.
+#[inline]
+fn top53(bits: u64) -> f64 {
+    ((bits >> 11) as i64) as f64
+}
+
 /// A uniform double in `[-1, 1)` from the top 53 bits of one 64-bit draw.
 #[inline]
 fn signed_unit(bits: u64) -> f64 {
-    ((bits >> 11) as f64) * TWO_POW_MINUS_52 - 1.0
+    top53(bits) * TWO_POW_MINUS_52 - 1.0
 }
 
 /// A uniform double in `[0, 1)` from the top 53 bits of one 64-bit draw.
 #[inline]
 fn unit(bits: u64) -> f64 {
-    ((bits >> 11) as f64) * TWO_POW_MINUS_53
+    top53(bits) * TWO_POW_MINUS_53
 }
 
 /// A uniform double in `(0, 1)` (never 0, so its logarithm is finite).
 #[inline]
 fn open_unit(bits: u64) -> f64 {
     (((bits >> 12) as f64) + 0.5) * TWO_POW_MINUS_52
+}
+
+/// A source of 64-bit draws read in keystream order.
+pub trait Draws {
+    fn next_draw(&mut self) -> u64;
+}
+
+impl Draws for ChaCha12Rng {
+    #[inline]
+    fn next_draw(&mut self) -> u64 {
+        self.next_u64()
+    }
+}
+
+/// Draws per refill of [`BufferedDraws`] (32 ChaCha blocks).
+const DRAW_BUFFER: usize = 256;
+
+/// The draws of a keystream, read [`DRAW_BUFFER`] at a time: the same values in the
+/// same order as `next_u64`, without its per-call bookkeeping. It reads the keystream
+/// up to a buffer past the last draw used, so only for a keystream used once (a row).
+pub struct BufferedDraws {
+    rng: ChaCha12Rng,
+    bytes: [u8; DRAW_BUFFER * 8],
+    pos: usize,
+}
+
+impl BufferedDraws {
+    pub fn new(rng: ChaCha12Rng) -> Self {
+        BufferedDraws {
+            rng,
+            bytes: [0; DRAW_BUFFER * 8],
+            pos: DRAW_BUFFER,
+        }
+    }
+}
+
+impl Draws for BufferedDraws {
+    #[inline]
+    fn next_draw(&mut self) -> u64 {
+        if self.pos == DRAW_BUFFER {
+            // Draw `j` of a block is words 2j (low) and 2j+1 (high): 8 keystream bytes, little-endian.
+            self.rng.fill_bytes(&mut self.bytes);
+            self.pos = 0;
+        }
+        let at = self.pos * 8;
+        self.pos += 1;
+        u64::from_le_bytes(self.bytes[at..at + 8].try_into().unwrap())
+    }
 }
 
 /// One standard normal.
@@ -83,29 +139,38 @@ fn open_unit(bits: u64) -> f64 {
 /// the tail beyond `R`, and other layers accept `x` if a point drawn uniformly in
 /// the wedge falls under the density; on rejection, start over with a new draw.
 #[inline]
-pub fn standard_normal(rng: &mut ChaCha12Rng) -> f64 {
+pub fn standard_normal(rng: &mut impl Draws) -> f64 {
     loop {
-        let bits = rng.next_u64();
+        let bits = rng.next_draw();
         let i = (bits & 0xff) as usize;
         let x = signed_unit(bits) * ZIG_X[i];
         if x.abs() < ZIG_X[i + 1] {
             return x;
         }
-        if i == 0 {
-            return normal_tail(rng, x < 0.0);
-        }
-        let y = ZIG_F[i + 1] + unit(rng.next_u64()) * (ZIG_F[i] - ZIG_F[i + 1]);
-        if y < libm::exp(-0.5 * x * x) {
-            return x;
+        if let Some(z) = outside_rectangle(rng, i, x) {
+            return z;
         }
     }
 }
 
+/// The rare steps of [`standard_normal`] (about 1.5 % of draws), out of line so
+/// that the common one stays a tight loop: the tail for layer 0, else the wedge
+/// test (`None`: rejected, start over).
+#[cold]
+#[inline(never)]
+fn outside_rectangle(rng: &mut impl Draws, i: usize, x: f64) -> Option<f64> {
+    if i == 0 {
+        return Some(normal_tail(rng, x < 0.0));
+    }
+    let y = ZIG_F[i + 1] + unit(rng.next_draw()) * (ZIG_F[i] - ZIG_F[i + 1]);
+    (y < libm::exp(-0.5 * x * x)).then_some(x)
+}
+
 /// A normal conditioned on `|z| > R` (Marsaglia 1964), with the given sign.
-fn normal_tail(rng: &mut ChaCha12Rng, negative: bool) -> f64 {
+fn normal_tail(rng: &mut impl Draws, negative: bool) -> f64 {
     loop {
-        let x = libm::log(open_unit(rng.next_u64())) / ZIG_R;
-        let y = libm::log(open_unit(rng.next_u64()));
+        let x = libm::log(open_unit(rng.next_draw())) / ZIG_R;
+        let y = libm::log(open_unit(rng.next_draw()));
         if -2.0 * y >= x * x {
             return if negative { x - ZIG_R } else { ZIG_R - x };
         }
@@ -128,13 +193,13 @@ pub fn ziggurat_tables_from_recursion() -> (Vec<f64>, Vec<f64>) {
 }
 
 /// Fills `out` with standard normals, in order.
-pub fn fill_standard_normal(rng: &mut ChaCha12Rng, out: &mut [f64]) {
+pub fn fill_standard_normal(rng: &mut impl Draws, out: &mut [f64]) {
     out.iter_mut().for_each(|z| *z = standard_normal(rng));
 }
 
 /// Row `row` (length `cols`) of the Gaussian matrix for (`seed`, `stream`).
 pub fn gaussian_row(seed: u64, stream: u64, row: u64, out: &mut [f64]) {
-    fill_standard_normal(&mut row_rng(seed, stream, row), out);
+    fill_standard_normal(&mut BufferedDraws::new(row_rng(seed, stream, row)), out);
 }
 
 #[cfg(test)]
@@ -192,6 +257,27 @@ mod tests {
                 let expected = u64::from(pair[0]) | (u64::from(pair[1]) << 32);
                 assert_eq!(rng.next_u64(), expected);
             }
+        }
+    }
+
+    #[test]
+    fn buffered_draws_are_the_keystream() {
+        let mut direct = row_rng(9, 8, 7);
+        let mut buffered = BufferedDraws::new(row_rng(9, 8, 7));
+        for _ in 0..3 * DRAW_BUFFER + 5 {
+            assert_eq!(buffered.next_draw(), direct.next_u64());
+        }
+        // Normals through either source, over many rare steps.
+        let (mut a, mut b) = (vec![0.0; 20_000], vec![0.0; 20_000]);
+        fill_standard_normal(&mut row_rng(1, 2, 3), &mut a);
+        gaussian_row(1, 2, 3, &mut b);
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    #[test]
+    fn top53_is_exact() {
+        for bits in [0, u64::MAX, 1 << 63, (1 << 63) - 1, 0x3ed3_06af_9cd8_2c68] {
+            assert_eq!(top53(bits), (bits >> 11) as f64);
         }
     }
 
