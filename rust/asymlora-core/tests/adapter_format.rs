@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use asymlora_core::adapter::{
-    write_adapter, AdapterConfig, AdapterFile, FactorA, ModuleConfig, OwnedTensor, Scaling, META_CONFIG,
+    write_adapter, AdapterConfig, AdapterFile, FactorA, ModuleConfig, ModuleKind, OwnedTensor, Scaling, META_CONFIG,
 };
 use asymlora_core::{random_orthogonal, Dtype, Error, Matrix};
 use safetensors::Dtype as St;
@@ -389,4 +389,55 @@ fn the_same_adapter_is_written_to_the_same_bytes() {
     let version = header.find("\"format_version\"").unwrap();
     assert!(config_key < format && format < version, "{header}");
     AdapterFile::open(dir.path().join("a0.safetensors")).unwrap();
+}
+
+#[test]
+fn kinds_round_trip_and_linear_modules_keep_their_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut config, mut t) = sample();
+    let linear_json = config.to_json();
+    assert!(!linear_json.contains("kind") && !linear_json.contains("experts"));
+    config.modules.insert(
+        "moe.w".to_string(),
+        ModuleConfig {
+            kind: ModuleKind::Parameter,
+            experts: Some(3),
+            ..module(12, 6, 10)
+        },
+    );
+    config.modules.insert(
+        "conv".to_string(),
+        ModuleConfig {
+            kind: ModuleKind::Conv,
+            kernel: Some(vec![2, 3]),
+            ..module(12, 6, 20)
+        },
+    );
+    let b = OwnedTensor::new("moe.w.lora_B", St::F32, vec![3, 6, 4], vec![0; 3 * 6 * 4 * 4]).unwrap();
+    t.insert("moe.w.lora_B".into(), b);
+    t.insert("conv.lora_B".into(), f32_tensor("conv.lora_B", [6, 4], 0.25));
+    let path = dir.path().join("kinds.safetensors");
+    write_adapter(&path, &config, &t).unwrap();
+    let file = AdapterFile::open(&path).unwrap();
+    assert_eq!(file.config(), &config);
+    let m = &config.modules["moe.w"];
+    let FactorA::Generated(a) = file.lora_a("moe.w").unwrap() else {
+        panic!("a seeded A")
+    };
+    assert_eq!(a.len(), 3 * 4 * 12);
+    let second = random_orthogonal(&config.block_a_spec(m, 1), Dtype::F32).unwrap();
+    assert_eq!(&a.to_le_bytes()[4 * 48..8 * 48], &second.to_le_bytes()[..]);
+    // experts on streams 10..13: a module on stream 12 collides
+    config.modules.insert("other".into(), module(12, 6, 12));
+    t.insert("other.lora_B".into(), f32_tensor("other.lora_B", [6, 4], 0.5));
+    expect_format_error(
+        write_adapter(dir.path().join("x.safetensors"), &config, &t),
+        &["stream", "overlaps streams 10..13", "moe.w"],
+    );
+    config.modules.remove("other");
+    config.modules.get_mut("conv").unwrap().kernel = Some(vec![5]);
+    expect_format_error(
+        write_adapter(dir.path().join("x.safetensors"), &config, &t),
+        &["module \"conv\": kernel", "does not divide d_in 12"],
+    );
 }

@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use asymlora_core::adapter::{
-    render_inspect, write_adapter, AdapterConfig, AdapterFile, FactorA, ModuleConfig, OwnedTensor, Scaling, META_CONFIG,
+    render_inspect, write_adapter, AdapterConfig, AdapterFile, FactorA, ModuleConfig, ModuleKind, OwnedTensor, Scaling,
+    META_CONFIG,
 };
 use asymlora_core::io::{write_safetensors, SafetensorsFile};
 use asymlora_core::merge::{self, AdapterInput, MergeOptions, Silent};
@@ -73,6 +74,24 @@ fn valid_adapter() -> (AdapterConfig, BTreeMap<String, OwnedTensor>) {
         modules: BTreeMap::from([
             ("m.q".to_string(), module(0, false, None)),
             ("m.v".to_string(), module(1, true, Some(3))),
+            // the kind fields, so that mutations reach them too
+            (
+                "m.c".to_string(),
+                ModuleConfig {
+                    kind: ModuleKind::Conv,
+                    kernel: Some(vec![3]),
+                    ..ModuleConfig::linear(6, 4, 2, false)
+                },
+            ),
+            (
+                "m.e.w".to_string(),
+                ModuleConfig {
+                    kind: ModuleKind::Parameter,
+                    experts: Some(2),
+                    transposed: Some(true),
+                    ..ModuleConfig::linear(6, 3, 3, false)
+                },
+            ),
         ]),
         full_tensors: vec!["head.weight".into()],
         base_model: Some(json!({"fan_in_fan_out": false})),
@@ -81,6 +100,8 @@ fn valid_adapter() -> (AdapterConfig, BTreeMap<String, OwnedTensor>) {
         f32_tensor("m.q.lora_B", &[5, 2], 1),
         f32_tensor("m.v.lora_A", &[3, 6], 2),
         f32_tensor("m.v.lora_B", &[5, 3], 3),
+        f32_tensor("m.c.lora_B", &[4, 2], 5),
+        f32_tensor("m.e.w.lora_B", &[2, 3, 2], 6),
         f32_tensor("head.weight", &[2, 3], 4),
     ]);
     (config, tensors)
@@ -102,7 +123,7 @@ fn open_and_use(path: &Path) -> Result<(), Error> {
     let config = file.config().clone();
     for (name, m) in &config.modules {
         file.lora_b(name)?;
-        if m.a_stored || config.module_rank(m) * m.d_in <= 1 << 16 {
+        if m.a_stored || config.module_rank(m) * m.d_in * m.blocks() <= 1 << 16 {
             if let FactorA::Stored { info, bytes } = file.lora_a(name)? {
                 assert_eq!(bytes.len(), info.shape.iter().product::<usize>() * 4);
             }
