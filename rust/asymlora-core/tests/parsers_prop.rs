@@ -644,11 +644,17 @@ fn write_sharded_base(dir: &Path) -> (PathBuf, PathBuf) {
         f32_tensor("m.q.weight", &[5, 6], 8),
         f32_tensor("m.v.weight", &[5, 6], 9),
         f32_tensor("head.weight", &[2, 3], 10),
+        // the conv m.c (4 out, 2 in, kernel 3) and the transposed experts m.e.w (E, d_in, d_out)
+        f32_tensor("m.c.weight", &[4, 2, 3], 11),
+        f32_tensor("m.e.w", &[2, 6, 3], 12),
     ]);
     write_safetensors(base.join(SHARD), &tensors, &BTreeMap::new()).unwrap();
     let index = json!({
-        "metadata": {"total_size": 288},
-        "weight_map": {"m.q.weight": SHARD, "m.v.weight": SHARD, "head.weight": SHARD}
+        "metadata": {"total_size": 504},
+        "weight_map": {
+            "m.q.weight": SHARD, "m.v.weight": SHARD, "head.weight": SHARD,
+            "m.c.weight": SHARD, "m.e.w": SHARD
+        }
     });
     std::fs::write(base.join(merge::INDEX_NAME), index.to_string()).unwrap();
     let (config, tensors) = valid_adapter();
