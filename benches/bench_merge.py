@@ -48,24 +48,40 @@ from pathlib import Path
 import numpy as np
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The fused 3-D expert parameters of a transformers-5 MoE model (PEFT's target_parameters).
+EXPERT_TARGETS = ("experts.gate_up_proj", "experts.down_proj")
 FULL = {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 16, "kv_heads": 4}
-FULL.update(vocab=32000)
+FULL.update(vocab=32000, shards=2)
 QUICK = {"hidden": 256, "intermediate": 704, "layers": 2, "heads": 4, "kv_heads": 2}
-QUICK.update(vocab=1024)
+QUICK.update(vocab=1024, shards=2)
+# --model mixtral: 8 experts (top 2) per layer, LoRA on attention and on the experts.
+MIXTRAL = {"hidden": 1024, "intermediate": 1792, "layers": 8, "heads": 16, "kv_heads": 4}
+MIXTRAL.update(vocab=16000, experts=8, shards=2)
+MIXTRAL_QUICK = {"hidden": 128, "intermediate": 224, "layers": 2, "heads": 4, "kv_heads": 2}
+MIXTRAL_QUICK.update(vocab=512, experts=4, shards=2)
+# --scale: Llama-2-7B-shaped layers, a 2 GB checkpoint in one shard against one of
+# 16.7 GB in 8 shards of the same size.
+SEVEN_B = {"hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 32, "vocab": 32000}
+SCALE = ({**SEVEN_B, "layers": 4, "shards": 1}, {**SEVEN_B, "layers": 40, "shards": 8})
+SCALE_QUICK = ({**QUICK, "shards": 1}, {**QUICK, "layers": 8, "shards": 4})
+SCALE, SCALE_QUICK = ([{**c, "peft": 0} for c in cases] for cases in (SCALE, SCALE_QUICK))
 RANK, ALPHA, SEED = 16, 32.0, 1234
 
 # Targets from the issue.
 MAX_VS_CP = 1.5  # asymlora time / cp time
 MIN_SPEEDUP_VS_PEFT = 5.0  # PEFT time / asymlora time
 MAX_RSS_VS_PEFT = 0.25  # asymlora peak RSS / PEFT peak RSS
+MAX_SCALE_DRIFT = 1.10  # --scale: peak RSS and seconds per GB, large / small case
 
 
 # --------------------------------------------------------------------------- data
 
 
 def _shapes(cfg: dict[str, int]) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of ``LlamaForCausalLM`` (untied head), in model order."""
+    """Tensor names and shapes of ``LlamaForCausalLM`` (untied head), in model order; with
+    ``experts`` in ``cfg``, of ``MixtralForCausalLM`` (transformers 5: fused experts)."""
     h, i, kv = cfg["hidden"], cfg["intermediate"], cfg["hidden"] // cfg["heads"] * cfg["kv_heads"]
+    e = cfg.get("experts")
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg["vocab"], h)}
     for layer in range(cfg["layers"]):
         p = f"model.layers.{layer}"
@@ -73,9 +89,14 @@ def _shapes(cfg: dict[str, int]) -> dict[str, tuple[int, ...]]:
         shapes[f"{p}.self_attn.k_proj.weight"] = (kv, h)
         shapes[f"{p}.self_attn.v_proj.weight"] = (kv, h)
         shapes[f"{p}.self_attn.o_proj.weight"] = (h, h)
-        shapes[f"{p}.mlp.gate_proj.weight"] = (i, h)
-        shapes[f"{p}.mlp.up_proj.weight"] = (i, h)
-        shapes[f"{p}.mlp.down_proj.weight"] = (h, i)
+        if e:
+            shapes[f"{p}.mlp.gate.weight"] = (e, h)
+            shapes[f"{p}.mlp.experts.gate_up_proj"] = (e, 2 * i, h)
+            shapes[f"{p}.mlp.experts.down_proj"] = (e, h, i)
+        else:
+            shapes[f"{p}.mlp.gate_proj.weight"] = (i, h)
+            shapes[f"{p}.mlp.up_proj.weight"] = (i, h)
+            shapes[f"{p}.mlp.down_proj.weight"] = (h, i)
         shapes[f"{p}.input_layernorm.weight"] = (h,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
     shapes["model.norm.weight"] = (h,)
@@ -83,39 +104,10 @@ def _shapes(cfg: dict[str, int]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def build_base(base: Path, cfg: dict[str, int]) -> int:
-    """Writes the checkpoint (two shards + index + config.json); returns the shard size.
-
-    Runs in a worker process (``--build``): this process stays small and torch-free."""
-    import torch
+def _model_config(cfg: dict[str, int]):
     import transformers
-    from safetensors.torch import save_file
 
-    base.mkdir(parents=True)
-    shapes = _shapes(cfg)
-    total = sum(int(np.prod(s)) * 2 for s in shapes.values())
-    gen = torch.Generator().manual_seed(0)
-    shard_names = [f"model-0000{k}-of-00002.safetensors" for k in (1, 2)]
-    weight_map: dict[str, str] = {}
-    shard: dict[str, torch.Tensor] = {}
-    size, k, largest = 0, 0, 0
-    for name, shape in shapes.items():
-        if len(shape) == 1:
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-        shard[name] = t
-        weight_map[name] = shard_names[k]
-        size += t.numel() * 2
-        if k == 0 and size >= total / 2:
-            save_file(shard, str(base / shard_names[k]), metadata={"format": "pt"})
-            largest, shard, size, k = size, {}, 0, 1
-    save_file(shard, str(base / shard_names[k]), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (base / "model.safetensors.index.json").write_text(
-        json.dumps(index, indent=2, sort_keys=True) + "\n"
-    )
-    config = transformers.LlamaConfig(
+    common = dict(
         hidden_size=cfg["hidden"],
         intermediate_size=cfg["intermediate"],
         num_hidden_layers=cfg["layers"],
@@ -125,30 +117,87 @@ def build_base(base: Path, cfg: dict[str, int]) -> int:
         tie_word_embeddings=False,
         torch_dtype="bfloat16",
     )
-    config.save_pretrained(base)
+    if cfg.get("experts"):
+        return transformers.MixtralConfig(
+            num_local_experts=cfg["experts"], num_experts_per_tok=2, **common
+        )
+    return transformers.LlamaConfig(**common)
+
+
+def build_base(base: Path, cfg: dict[str, int]) -> int:
+    """Writes the checkpoint (``cfg["shards"]`` shards of about equal size + index +
+    config.json); returns the largest shard's size.
+
+    Runs in a worker process (``--build``): this process stays small and torch-free."""
+    import torch
+    from safetensors.torch import save_file
+
+    base.mkdir(parents=True)
+    shapes = _shapes(cfg)
+    total = sum(int(np.prod(s)) * 2 for s in shapes.values())
+    gen = torch.Generator().manual_seed(0)
+    n = cfg["shards"]
+    shard_names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    written, size, k, largest = 0, 0, 0, 0
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        shard[name] = t
+        weight_map[name] = shard_names[k]
+        size += t.numel() * 2
+        if k < n - 1 and written + size >= total * (k + 1) / n:
+            save_file(shard, str(base / shard_names[k]), metadata={"format": "pt"})
+            largest, written = max(largest, size), written + size
+            shard, size, k = {}, 0, k + 1
+    save_file(shard, str(base / shard_names[k]), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n"
+    )
+    _model_config(cfg).save_pretrained(base)
     return max(largest, size)
 
 
-def build_adapters(base: Path, v1: Path, peft_dir: Path, cfg: dict[str, int]) -> None:
+def adapted_modules(cfg: dict[str, int]) -> dict[str, object]:
+    """The adapter's modules: every linear named in TARGETS and, for an MoE model, the
+    fused expert parameters (one stream per expert)."""
     import asymlora
 
-    shapes = _shapes(cfg)
-    modules = {}
-    for name, shape in shapes.items():
+    modules, stream = {}, 0
+    for name, shape in _shapes(cfg).items():
         module = name.removesuffix(".weight")
         if module.rsplit(".", 1)[-1] in TARGETS:
             d_out, d_in = shape
-            modules[module] = asymlora.ModuleConfig(d_in=d_in, d_out=d_out, stream=len(modules))
+            modules[module] = asymlora.ModuleConfig(d_in=d_in, d_out=d_out, stream=stream)
+            stream += 1
+        elif name.endswith(EXPERT_TARGETS):
+            e, d_out, d_in = shape
+            modules[name] = asymlora.ModuleConfig(
+                d_in=d_in, d_out=d_out, stream=stream, kind="parameter", experts=e
+            )
+            stream += e
+    return modules
+
+
+def build_adapters(base: Path, v1: Path, peft_dir: Path | None, cfg: dict[str, int]) -> None:
+    import asymlora
+
+    modules = adapted_modules(cfg)
     config = asymlora.AdapterConfig(
         rank=RANK, alpha=ALPHA, seed=SEED, modules=modules, base_model={"name_or_path": str(base)}
     )
     rng = np.random.default_rng(1)
-    tensors = {
-        f"{m}.lora_B": (rng.standard_normal((c.d_out, RANK), dtype=np.float32) * 0.01)
-        for m, c in modules.items()
-    }
+    tensors = {}
+    for m, c in modules.items():
+        shape = (c.d_out, RANK) if c.experts is None else (c.experts, c.d_out, RANK)
+        tensors[f"{m}.lora_B"] = rng.standard_normal(shape, dtype=np.float32) * 0.01
     asymlora.write_adapter(v1, config, tensors)
-    asymlora.export_peft(v1, peft_dir)
+    if peft_dir is not None:
+        asymlora.export_peft(v1, peft_dir)
 
 
 # --------------------------------------------------------------------------- running
@@ -291,17 +340,19 @@ def compare(work: Path, outputs: dict[str, Path]) -> dict[str, object]:
     exact = {k: 0 for k in outputs}
     max_ulp_vs_ref = {k: 0 for k in outputs}
     max_ulp_vs_peft, beyond_one_ulp, beyond_and_ours_exact = 0, 0, 0
+    modules = adapter.config.modules
     for name in base:
         w = read(base, name)
-        module = name.removesuffix(".weight")
-        if module not in adapter.config.modules:
+        module = name if name in modules else name.removesuffix(".weight")
+        if module not in modules:
             for k in outputs:
                 if not np.array_equal(read(found[k], name).view(np.uint16), w.view(np.uint16)):
                     exact[k] = -(10**9)  # an untouched tensor changed: flag loudly
             continue
         a = adapter.lora_A(module).astype(np.float64)
         b = adapter.lora_B(module).astype(np.float64)
-        exact_value = w.astype(np.float64) + adapter.config.scale(module) * (b @ a)
+        # experts: (E, d_out, r) @ (E, r, d_in), one product per expert
+        exact_value = w.astype(np.float64) + adapter.config.scale(module) * np.matmul(b, a)
         ref = _round_bf16(exact_value).view(np.uint16)
         n += ref.size
         got = {k: read(found[k], name).view(np.uint16) for k in outputs}
@@ -331,6 +382,101 @@ def compare(work: Path, outputs: dict[str, Path]) -> dict[str, object]:
     }
 
 
+def run_scale(args, cases: list[dict[str, int]], repeats: int, work: Path) -> None:
+    """``--scale``: does memory stay flat and time per GB constant as the checkpoint grows?
+
+    asymlora (seed+B, ``--no-fsync``) and ``cp -r`` on each case, rounds interleaved."""
+    import asymlora
+
+    exe = shutil.which("asymlora", path=str(Path(sys.executable).parent)) or "asymlora"
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    out = work / "out"
+    cmds: dict[tuple[int, str], list[str]] = {}
+    for k, cfg in enumerate(cases):
+        t0 = time.perf_counter()
+        case = work / f"case{k}"
+        build = [sys.executable, __file__, "--build", str(case), "--config", json.dumps(cfg)]
+        subprocess.run(build, check=True, capture_output=True)
+        print(
+            f"case {k}: {_size(cfg) / 1e9:.2f} GB bf16 in {cfg['shards']} shards, "
+            f"{len(adapted_modules(cfg))} adapted modules; "
+            f"built in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+        v1, base = str(case / "adapter.safetensors"), str(case / "base")
+        cmds[k, "asymlora"] = [exe, "merge", base, v1, "-o", str(out), "--quiet", "--no-fsync"]
+        cmds[k, "asymlora"] += threads
+        cmds[k, "cp -r"] = ["cp", "-r", base, str(out)]
+    times: dict[tuple[int, str], list[float]] = {k: [] for k in cmds}
+    rss: dict[tuple[int, str], list[int]] = {k: [] for k in cmds}
+    for r in range(repeats):
+        for key, cmd in cmds.items():
+            remove(out)
+            seconds, peak, _ = timed(cmd)
+            times[key].append(seconds)
+            rss[key].append(peak)
+            label = f"round {r + 1}/{repeats} case {key[0]} {key[1]:<9}"
+            print(f"  {label} {seconds:7.2f} s", flush=True)
+    remove(out)
+    # the large case once more through the API: every tensor written, sizes equal
+    large = work / f"case{len(cases) - 1}"
+    report = asymlora.merge_files(large / "base", large / "adapter.safetensors", out, fsync=False)
+    sizes = [sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (large / "base", out)]
+    remove(out)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    peak = {k: max(v) for k, v in rss.items()}
+    gb = [_size(c) / 1e9 for c in cases]
+    print()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
+        f"asymlora {asymlora.__version__}; median of {repeats}, "
+        f"{datetime.now(timezone.utc):%Y-%m-%d}"
+    )
+    print()
+    header = f"{'case':<22} {'method':<9} {'median s':>9} {'s per GB':>9} {'peak RSS':>10}"
+    header += f" {'vs cp':>7}"
+    print(header)
+    print("-" * len(header))
+    for (k, name), m in med.items():
+        label = f"{gb[k]:.2f} GB, {cases[k]['shards']} shards"
+        print(
+            f"{label:<22} {name:<9} {m:>9.2f} {m / gb[k]:>9.3f} {peak[k, name] / 2**20:>6.0f} MiB "
+            f"{m / med[k, 'cp -r']:>6.2f}x"
+        )
+    last = len(cases) - 1
+    rss_ratio = peak[last, "asymlora"] / peak[0, "asymlora"]
+    per_gb = [med[k, "asymlora"] / gb[k] for k in (0, last)]
+    cp_per_gb = [med[k, "cp -r"] / gb[k] for k in (0, last)]
+    verdicts = [
+        (f"peak RSS, large / small case <= {MAX_SCALE_DRIFT}", rss_ratio),
+        (f"seconds per GB, large / small case <= {MAX_SCALE_DRIFT}", per_gb[1] / per_gb[0]),
+    ]
+    print()
+    for text, value in verdicts:
+        print(f"  {'met    ' if value <= MAX_SCALE_DRIFT else 'NOT MET'}  {text} ({value:.2f})")
+    print(f"  (cp -r: seconds per GB, large / small case {cp_per_gb[1] / cp_per_gb[0]:.2f})")
+    print(
+        f"  large case through merge_files: {report.merged} tensors merged "
+        f"({report.modules} modules), "
+        f"output {sizes[1]:,} bytes, base {sizes[0]:,} bytes"
+    )
+    if args.json:
+        record = {
+            "date": f"{datetime.now(timezone.utc):%Y-%m-%d}",
+            "machine": {"arch": platform.machine(), "cores": os.cpu_count()},
+            "cases": cases,
+            "bytes": [_size(c) for c in cases],
+            "repeats": repeats,
+            "seconds": {f"{k}:{n}": v for (k, n), v in times.items()},
+            "peak_rss_bytes": {f"{k}:{n}": v for (k, n), v in peak.items()},
+            "targets": [{"check": t, "value": v, "met": v <= MAX_SCALE_DRIFT} for t, v in verdicts],
+        }
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -341,6 +487,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--quick", action="store_true", help="small checkpoint (smoke test)")
+    parser.add_argument(
+        "--model",
+        choices=("llama", "mixtral"),
+        default="llama",
+        help="mixtral: an MoE checkpoint (fused experts), LoRA on attention and the experts",
+    )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="memory at scale: asymlora and cp on a 2 GB and a 16.7 GB (8 shards) checkpoint",
+    )
     parser.add_argument(
         "--json",
         type=Path,
@@ -355,30 +512,49 @@ def main() -> None:
         build_adapters(
             args.build / "base",
             args.build / "adapter.safetensors",
-            args.build / "peft",
+            args.build / "peft" if args.config.get("peft", 1) else None,
             args.config,
         )
         print(shard_size)
         return
-    cfg = QUICK if args.quick else FULL
     repeats = 1 if args.quick else args.repeats
+    if args.scale:
+        cases = SCALE_QUICK if args.quick else SCALE
+        # base and output of the large case, the small case's and its adapter files
+        need = 2.2 * sum(_size(c) for c in cases)
+    else:
+        cfg = {
+            ("llama", False): FULL,
+            ("llama", True): QUICK,
+            ("mixtral", False): MIXTRAL,
+            ("mixtral", True): MIXTRAL_QUICK,
+        }[args.model, args.quick]
+        need = 4.5 * _size(cfg)
     if args.json is None and not args.quick:
-        args.json = Path(__file__).resolve().parent / "bench_merge.json"
+        stem = "bench_merge" + ("_scale" if args.scale else "" if args.model == "llama" else "_moe")
+        args.json = Path(__file__).resolve().parent / f"{stem}.json"
 
-    size = sum(int(np.prod(s)) * 2 for s in _shapes(cfg).values())
     parent = args.workdir or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(parent).free
-    if free < 4.5 * size:
-        sys.exit(f"{parent}: {free / 1e9:.1f} GB free, need {4.5 * size / 1e9:.1f} GB")
+    if free < need:
+        sys.exit(f"{parent}: {free / 1e9:.1f} GB free, need {need / 1e9:.1f} GB")
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=parent))
     try:
-        run(args, cfg, repeats, work, size)
+        if args.scale:
+            run_scale(args, cases, repeats, work)
+        else:
+            run(args, cfg, repeats, work, _size(cfg))
     finally:
         if args.keep:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _size(cfg: dict[str, int]) -> int:
+    """Bytes of the bf16 checkpoint."""
+    return sum(int(np.prod(s)) * 2 for s in _shapes(cfg).values())
 
 
 def run(args, cfg: dict[str, int], repeats: int, work: Path, size: int) -> None:
@@ -388,9 +564,11 @@ def run(args, cfg: dict[str, int], repeats: int, work: Path, size: int) -> None:
     build = [sys.executable, __file__, "--build", str(work), "--config", json.dumps(cfg)]
     shard_size = int(subprocess.run(build, check=True, capture_output=True).stdout)
     n_params = size // 2
+    targets = TARGETS[:4] + EXPERT_TARGETS if cfg.get("experts") else TARGETS
     print(
-        f"checkpoint: {n_params / 1e9:.2f} G parameters, {size / 1e9:.2f} GB bf16, 2 shards; "
-        f"adapter r={RANK} on {', '.join(TARGETS)} "
+        f"checkpoint ({args.model}): {n_params / 1e9:.2f} G parameters, {size / 1e9:.2f} GB "
+        f"bf16, {cfg['shards']} shards; adapter r={RANK} on {len(adapted_modules(cfg))} "
+        f"modules ({', '.join(targets)}) "
         f"({(work / 'adapter.safetensors').stat().st_size / 1e6:.0f} MB seed+B, "
         f"{(work / 'peft' / 'adapter_model.safetensors').stat().st_size / 1e6:.0f} MB PEFT); "
         f"built in {time.perf_counter() - t0:.0f} s",

@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from _reference import round_once
 
 import asymlora
 from asymlora.nn import lora_layers
@@ -374,6 +376,81 @@ def test_save_load_round_trip_bit_for_bit(family, tmp_path):
     asymlora.load_adapter(loaded, path)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_offline_merge_into_the_checkpoint_as_transformers_saves_it(family, tmp_path):
+    """``save_pretrained`` writes Mixtral's and Qwen3-MoE's experts one linear per expert
+    (the Hub's layout), gpt-oss's fused: merging the fused-parameter adapter (our file or
+    its PEFT export) into that checkpoint gives the adapted model, every changed value
+    the float64 reference rounded once, and unmerging gives the base back."""
+    from safetensors.numpy import load_file
+
+    from asymlora.interop.peft import export_peft
+
+    base = MODELS[family]()
+    base.save_pretrained(tmp_path / "base")
+    model = asymlora.wrap(copy.deepcopy(base), config())
+    randomize_b(model)
+    adapter = tmp_path / "experts.safetensors"
+    asymlora.save_adapter(model, adapter)
+    export_peft(adapter, tmp_path / "peft")
+    report = asymlora.merge_files(tmp_path / "base", adapter, tmp_path / "out")
+    peft_dir = tmp_path / "peft"
+    if family == "gpt_oss":
+        # a PEFT directory does not record is_transposed: refused, saying what to do
+        with pytest.raises(asymlora.AdapterMismatchError, match="import it with import-peft"):
+            asymlora.merge_files(tmp_path / "base", peft_dir, tmp_path / "out-peft")
+        peft_dir = adapter
+    asymlora.merge_files(tmp_path / "base", peft_dir, tmp_path / "out-peft")
+    base_t = load_file(tmp_path / "base" / "model.safetensors")
+    out_t = load_file(tmp_path / "out" / "model.safetensors")
+    assert out_t.keys() == base_t.keys()
+    per_expert = "model.layers.0.mlp.experts.gate_up_proj" not in base_t
+    assert per_expert == (family != "gpt_oss")
+    # 2 layers x (q, v, gate_up, down); per expert: 4 experts x (gate, up, down) per layer
+    assert report.modules == 8 and report.merged == 2 * (2 + (12 if per_expert else 2))
+    peft_bytes = (tmp_path / "out-peft" / "model.safetensors").read_bytes()
+    assert peft_bytes == (tmp_path / "out" / "model.safetensors").read_bytes()
+
+    # every changed tensor against the float64 reference (from the model's own factors)
+    read = asymlora.read_adapter(adapter)
+    for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        a, b = read.lora_A(name).astype(np.float64), read.lora_B(name).astype(np.float64)
+        delta = read.config.scale(name) * np.matmul(b, a)  # (E, d_out, d_in)
+        if not per_expert:
+            delta = delta.transpose(0, 2, 1)
+            want = {name: base_t[name].astype(np.float64) + delta}
+        else:
+            half = delta.shape[1] // 2
+            moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+            names = (
+                (("w1", "w3"), "w2")
+                if family == "mixtral"
+                else (("gate_proj", "up_proj"), "down_proj")
+            )
+            want = {}
+            for e in range(delta.shape[0]):
+                prefix = f"model.layers.1.{moe}.experts.{e}"
+                if name.endswith("gate_up_proj"):
+                    for p, rows in zip(names[0], (slice(0, half), slice(half, None))):
+                        key = f"{prefix}.{p}.weight"
+                        want[key] = base_t[key].astype(np.float64) + delta[e, rows]
+                else:
+                    key = f"{prefix}.{names[1]}.weight"
+                    want[key] = base_t[key].astype(np.float64) + delta[e]
+        for key, exact in want.items():
+            np.testing.assert_array_equal(out_t[key], round_once(exact, np.float32), err_msg=key)
+
+    merged = type(base).from_pretrained(tmp_path / "out").eval()
+    merged.set_experts_implementation("grouped_mm")
+    x = ids()
+    with torch.no_grad():
+        assert (merged(x).logits - model(x).logits).abs().max() < 1e-5
+    asymlora.unmerge_files(tmp_path / "out", adapter, tmp_path / "back")
+    back_t = load_file(tmp_path / "back" / "model.safetensors")
+    for key, w in base_t.items():
+        np.testing.assert_allclose(back_t[key], w, rtol=0, atol=1e-6, err_msg=key)
 
 
 def test_save_load_round_trip_of_a_trained_a(tmp_path):

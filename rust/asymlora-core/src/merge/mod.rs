@@ -15,6 +15,7 @@
 
 mod checkpoint;
 mod engine;
+mod split;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -147,6 +148,9 @@ struct TermRef {
     module: ModuleTerm,
     /// weight x scale (x -1 to unmerge)
     coef: f64,
+    /// The rows of one expert's block this tensor receives, when a fused expert
+    /// parameter is stored one tensor per expert ([`split`]); `None`: the whole module.
+    part: Option<split::Part>,
 }
 
 /// What happens to one tensor of the base.
@@ -246,41 +250,31 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
             let place = m.placement.clone();
             let place = &place;
             let target = place.base_tensor(&map_name(&m.module, &opts.prefix_map));
-            let Some((_, info)) = ck.tensors.get(&target) else {
+            let pieces = if ck.tensors.contains_key(&target) {
+                vec![(target, None)]
+            } else if let Some(pieces) = split::per_expert_pieces(&target, place, |name| ck.tensors.contains_key(name))
+            {
+                pieces.into_iter().map(|p| (p.tensor, Some(p.part))).collect()
+            } else {
                 problems.push(format!(
-                    "{label}: module {} has no {} {target} in the base",
+                    "{label}: module {} has no {} {target} in the base{}",
                     m.module,
                     if place.kind == ModuleKind::Parameter {
                         "parameter"
                     } else {
                         "weight"
+                    },
+                    if place.experts.is_some() {
+                        format!(" (nor {})", split::DESCRIPTION)
+                    } else {
+                        String::new()
                     }
                 ));
                 missing.push(m.module.clone());
                 continue;
             };
-            let expected = place.base_shape();
-            if info.shape != expected {
-                problems.push(format!(
-                    "{label}: module {} is a {}, so {target} in the base must have shape {expected:?}, but it has \
-                     shape {:?}{}",
-                    m.module,
-                    place.describe(),
-                    info.shape,
-                    shape_hint(place, &info.shape)
-                ));
-                continue;
-            }
-            if Float::from_st(info.dtype).is_none() {
-                problems.push(format!(
-                    "{label}: module {}: {target} has dtype {}; only F16, BF16, F32 and F64 weights can be merged \
-                     into (a quantised checkpoint?)",
-                    m.module, info.dtype
-                ));
-                continue;
-            }
-            for key in std::iter::once(&m.b_key).chain(m.a_key()) {
-                if !opts.allow_nonfinite {
+            if !opts.allow_nonfinite {
+                for key in std::iter::once(&m.b_key).chain(m.a_key()) {
                     let (ti, bytes) = ad.file().tensor(key)?;
                     let bad = count_nonfinite(Float::from_st(ti.dtype).expect("checked on open"), bytes);
                     if let Some(range) = ad.file().range(key) {
@@ -292,29 +286,67 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
                 }
             }
             let coef = sign * ad.input.weight * m.scale;
-            let term = TermRef {
-                adapter: i,
-                module: m,
-                coef,
-            };
             modules += 1;
-            match jobs.entry(target.clone()).or_insert_with(|| Job::Merge(vec![])) {
-                Job::Merge(terms) if terms.first().is_some_and(|t| !same_blocks(&t.module.placement, place)) => {
+            for (target, part) in pieces {
+                let info = &ck.tensors[&target].1;
+                let expected = match &part {
+                    Some(part) => vec![part.rows.len(), place.d_in],
+                    None => place.base_shape(),
+                };
+                if info.shape != expected {
+                    let what = match &part {
+                        Some(p) => format!("{}, whose expert {} rows {:?}", place.describe(), p.block, p.rows),
+                        None => place.describe(),
+                    };
                     problems.push(format!(
-                        "{label}: module {} ({}) and module {} of {} ({}) both update {target} but split it into \
-                         different blocks",
-                        term.module.module,
-                        place.describe(),
-                        terms[0].module.module,
-                        adapters[terms[0].adapter].label,
-                        terms[0].module.placement.describe()
-                    ))
+                        "{label}: module {} is a {what}, so {target} in the base must have shape {expected:?}, but \
+                         it has shape {:?}{}",
+                        m.module,
+                        info.shape,
+                        if part.is_none() {
+                            shape_hint(place, &info.shape)
+                        } else {
+                            ""
+                        }
+                    ));
+                    continue;
                 }
-                Job::Merge(terms) => terms.push(term),
-                Job::Replace { adapter, .. } => problems.push(format!(
-                    "{label}: module {} updates {target}, which {} replaces as a whole (modules_to_save)",
-                    term.module.module, adapters[*adapter].label
-                )),
+                if Float::from_st(info.dtype).is_none() {
+                    problems.push(format!(
+                        "{label}: module {}: {target} has dtype {}; only F16, BF16, F32 and F64 weights can be \
+                         merged into (a quantised checkpoint?)",
+                        m.module, info.dtype
+                    ));
+                    continue;
+                }
+                let term = TermRef {
+                    adapter: i,
+                    module: m.clone(),
+                    coef,
+                    part,
+                };
+                match jobs.entry(target.clone()).or_insert_with(|| Job::Merge(vec![])) {
+                    Job::Merge(terms)
+                        if terms
+                            .first()
+                            .is_some_and(|t| !same_blocks(&t.module.placement, place) || t.part != term.part) =>
+                    {
+                        problems.push(format!(
+                            "{label}: module {} ({}) and module {} of {} ({}) both update {target} but split it \
+                             into different blocks",
+                            term.module.module,
+                            place.describe(),
+                            terms[0].module.module,
+                            adapters[terms[0].adapter].label,
+                            terms[0].module.placement.describe()
+                        ))
+                    }
+                    Job::Merge(terms) => terms.push(term),
+                    Job::Replace { adapter, .. } => problems.push(format!(
+                        "{label}: module {} updates {target}, which {} replaces as a whole (modules_to_save)",
+                        term.module.module, adapters[*adapter].label
+                    )),
+                }
             }
         }
         for (name, key) in ad.full() {

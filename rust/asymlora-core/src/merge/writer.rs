@@ -302,7 +302,8 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
-    /// The stacked factors of every term on expert `block` (the whole tensor without experts).
+    /// The stacked factors of every term on expert `block` (the whole tensor without
+    /// experts), restricted to the rows of the term's part where it has one.
     fn block_factors(
         &self,
         terms: &[super::TermRef],
@@ -314,7 +315,12 @@ impl<'a> Ctx<'a> {
         let mut owned = Vec::with_capacity(terms.len());
         for t in terms {
             let ad = &self.loaded[t.adapter];
-            owned.push(self.pool.install(|| ad.block_factors(&t.module, block))?);
+            let (a, mut b) = self.pool.install(|| ad.block_factors(&t.module, block))?;
+            if let Some(part) = &t.part {
+                // B_e is d_out x r, row-major: keep the part's rows
+                b = b[part.rows.start * t.module.rank..part.rows.end * t.module.rank].to_vec();
+            }
+            owned.push((a, b));
         }
         let eterms: Vec<engine::Term<'_>> = terms
             .iter()
@@ -325,7 +331,7 @@ impl<'a> Ctx<'a> {
                 b,
                 rank: t.module.rank,
                 d_in: t.module.d_in,
-                d_out: t.module.d_out,
+                d_out: t.part.as_ref().map_or(t.module.d_out, |p| p.rows.len()),
                 transposed: t.module.placement.transposed,
             })
             .collect();
@@ -345,18 +351,23 @@ impl<'a> Ctx<'a> {
         counts: &mut Counts,
     ) -> Result<()> {
         let place = &terms[0].module.placement; // every term splits the tensor alike (checked in the plan)
-        let [rows, cols] = place.block_shape();
+                                                // The blocks (experts) of this tensor: all of the module's, or the one expert
+                                                // whose rows it holds.
+        let ([rows, cols], blocks) = match &terms[0].part {
+            Some(part) => ([part.rows.len(), place.d_in], part.block..part.block + 1),
+            None => (place.block_shape(), 0..place.blocks()),
+        };
         let wk = Float::from_st(info.dtype).expect("merge targets checked to be float");
         let ok = Float::from_st(out).expect("float in, float out");
         let mut stats = engine::RowStats::default();
         // One block (expert) at a time: its factors, then its rows in bands.
-        for block in 0..place.blocks() {
+        for (at, block) in blocks.clone().enumerate() {
             let factors = self.block_factors(terms, block, rows, cols, engine::precision(wk, ok))?;
             if rows == 0 || cols == 0 {
                 continue;
             }
             let (ws, os) = (wk.size(), ok.size());
-            let start = range.start + block * rows * cols * ws;
+            let start = range.start + at * rows * cols * ws;
             let band_rows = (BAND_BYTES / (cols * ws.max(os))).max(1);
             let mut r0 = 0;
             while r0 < rows {
@@ -373,7 +384,7 @@ impl<'a> Ctx<'a> {
                 r0 += n;
             }
         }
-        let (rows, cols) = (rows * place.blocks(), cols);
+        let (rows, cols) = (rows * blocks.len(), cols);
         self.check_overflow(stats.nonfinite, name, out, "merging into", counts)?;
         stream.observer.advance(0, 1);
         counts.merged += 1;
