@@ -79,7 +79,7 @@ MAX_SCALE_DRIFT = 1.10  # --scale: peak RSS and seconds per GB, large / small ca
 
 def _shapes(cfg: dict[str, int]) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of ``LlamaForCausalLM`` (untied head), in model order; with
-    ``experts`` in ``cfg``, of ``MixtralForCausalLM`` (transformers 5: fused experts)."""
+    ``experts`` in ``cfg``, of ``MixtralForCausalLM`` as saved (one linear per expert)."""
     h, i, kv = cfg["hidden"], cfg["intermediate"], cfg["hidden"] // cfg["heads"] * cfg["kv_heads"]
     e = cfg.get("experts")
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg["vocab"], h)}
@@ -90,9 +90,12 @@ def _shapes(cfg: dict[str, int]) -> dict[str, tuple[int, ...]]:
         shapes[f"{p}.self_attn.v_proj.weight"] = (kv, h)
         shapes[f"{p}.self_attn.o_proj.weight"] = (h, h)
         if e:
-            shapes[f"{p}.mlp.gate.weight"] = (e, h)
-            shapes[f"{p}.mlp.experts.gate_up_proj"] = (e, 2 * i, h)
-            shapes[f"{p}.mlp.experts.down_proj"] = (e, h, i)
+            # as save_pretrained writes it (and the Hub holds it): one linear per expert
+            shapes[f"{p}.block_sparse_moe.gate.weight"] = (e, h)
+            for x in range(e):
+                shapes[f"{p}.block_sparse_moe.experts.{x}.w1.weight"] = (i, h)
+                shapes[f"{p}.block_sparse_moe.experts.{x}.w2.weight"] = (h, i)
+                shapes[f"{p}.block_sparse_moe.experts.{x}.w3.weight"] = (i, h)
         else:
             shapes[f"{p}.mlp.gate_proj.weight"] = (i, h)
             shapes[f"{p}.mlp.up_proj.weight"] = (i, h)
@@ -164,7 +167,8 @@ def build_base(base: Path, cfg: dict[str, int]) -> int:
 
 def adapted_modules(cfg: dict[str, int]) -> dict[str, object]:
     """The adapter's modules: every linear named in TARGETS and, for an MoE model, the
-    fused expert parameters (one stream per expert)."""
+    experts as the model holds them in memory (transformers 5: fused 3-D parameters,
+    PEFT's ``target_parameters``; one stream per expert)."""
     import asymlora
 
     modules, stream = {}, 0
@@ -174,13 +178,31 @@ def adapted_modules(cfg: dict[str, int]) -> dict[str, object]:
             d_out, d_in = shape
             modules[module] = asymlora.ModuleConfig(d_in=d_in, d_out=d_out, stream=stream)
             stream += 1
-        elif name.endswith(EXPERT_TARGETS):
-            e, d_out, d_in = shape
-            modules[name] = asymlora.ModuleConfig(
-                d_in=d_in, d_out=d_out, stream=stream, kind="parameter", experts=e
-            )
-            stream += e
+    if cfg.get("experts"):
+        e, h, i = cfg["experts"], cfg["hidden"], cfg["intermediate"]
+        for layer in range(cfg["layers"]):
+            for target, (d_out, d_in) in zip(EXPERT_TARGETS, ((2 * i, h), (h, i))):
+                modules[f"model.layers.{layer}.mlp.{target}"] = asymlora.ModuleConfig(
+                    d_in=d_in, d_out=d_out, stream=stream, kind="parameter", experts=e
+                )
+                stream += e
     return modules
+
+
+def _expert_part(name: str, cfg: dict[str, int]) -> tuple[str, int, slice] | None:
+    """For a per-expert tensor of the checkpoint: the fused module, expert and rows of
+    its block that it holds (w1: gate, rows 0..I; w3: up, rows I..2I; w2: down)."""
+    if ".block_sparse_moe.experts." not in name:
+        return None
+    layer, rest = name.split(".block_sparse_moe.experts.")
+    e, w, _ = rest.split(".")
+    i = cfg["intermediate"]
+    target, rows = {
+        "w1": ("experts.gate_up_proj", slice(0, i)),
+        "w3": ("experts.gate_up_proj", slice(i, 2 * i)),
+        "w2": ("experts.down_proj", slice(None)),
+    }[w]
+    return f"{layer}.mlp.{target}", int(e), rows
 
 
 def build_adapters(base: Path, v1: Path, peft_dir: Path | None, cfg: dict[str, int]) -> None:
@@ -320,7 +342,7 @@ def _tensors(directory: Path) -> dict[str, tuple[Path, str]]:
     return found
 
 
-def compare(work: Path, outputs: dict[str, Path]) -> dict[str, object]:
+def compare(work: Path, outputs: dict[str, Path], cfg: dict[str, int]) -> dict[str, object]:
     import asymlora
     from asymlora._safetensors import SafetensorsFile
 
@@ -343,7 +365,9 @@ def compare(work: Path, outputs: dict[str, Path]) -> dict[str, object]:
     modules = adapter.config.modules
     for name in base:
         w = read(base, name)
-        module = name if name in modules else name.removesuffix(".weight")
+        module, part = name.removesuffix(".weight"), _expert_part(name, cfg)
+        if part is not None:
+            module = part[0]
         if module not in modules:
             for k in outputs:
                 if not np.array_equal(read(found[k], name).view(np.uint16), w.view(np.uint16)):
@@ -351,8 +375,9 @@ def compare(work: Path, outputs: dict[str, Path]) -> dict[str, object]:
             continue
         a = adapter.lora_A(module).astype(np.float64)
         b = adapter.lora_B(module).astype(np.float64)
-        # experts: (E, d_out, r) @ (E, r, d_in), one product per expert
-        exact_value = w.astype(np.float64) + adapter.config.scale(module) * np.matmul(b, a)
+        if part is not None:  # expert e's rows of the fused module
+            a, b = a[part[1]], b[part[1]][part[2]]
+        exact_value = w.astype(np.float64) + adapter.config.scale(module) * (b @ a)
         ref = _round_bf16(exact_value).view(np.uint16)
         n += ref.size
         got = {k: read(found[k], name).view(np.uint16) for k in outputs}
@@ -601,7 +626,7 @@ def run(args, cfg: dict[str, int], repeats: int, work: Path, size: int) -> None:
         cmd = [str(target) if c == str(out) else c for c in cmds[name]]
         timed(cmd)
         outputs[name] = target
-    checks = compare(work, outputs)
+    checks = compare(work, outputs, cfg)
     checks["recomputed_in_float64"] = report.recomputed
 
     med = {k: statistics.median(v) for k, v in times.items()}

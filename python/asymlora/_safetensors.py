@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from asymlora import _native
-from asymlora._dtypes import NUMPY_TO_SAFETENSORS, SAFETENSORS_TO_NUMPY, from_raw
+from asymlora._dtypes import from_raw, numpy_to_safetensors, safetensors_to_numpy
 from asymlora.errors import SafetensorsError
 
 __all__ = ["SafetensorsError", "SafetensorsFile", "TensorEntry", "write_safetensors"]
@@ -55,7 +55,7 @@ class SafetensorsFile:
         out = {}
         for key, name in names.items():
             dtype, shape, data = self._native.tensor(name)
-            if dtype not in SAFETENSORS_TO_NUMPY:
+            if dtype not in safetensors_to_numpy():
                 raise ValueError(
                     f"{self.path}: tensor {name!r} has dtype {dtype}, not a float dtype"
                 )
@@ -70,7 +70,7 @@ def write_safetensors(
     raw = []
     for name, value in tensors.items():
         array = np.asarray(value, order="C")
-        code = NUMPY_TO_SAFETENSORS.get(array.dtype)
+        code = numpy_to_safetensors().get(array.dtype)
         if code is None:
             raise ValueError(f"tensor {name!r} has dtype {array.dtype}, not a float dtype")
         raw.append((name, code, list(array.shape), array.tobytes()))

@@ -16,7 +16,7 @@ from typing import Any, Union
 import numpy as np
 
 from asymlora import _native
-from asymlora._dtypes import NUMPY_TO_SAFETENSORS, from_raw
+from asymlora._dtypes import from_raw, numpy_to_safetensors
 from asymlora._validate import check_finite, check_uint
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -272,7 +272,7 @@ def write_adapter(path: PathLike, config: AdapterConfig, tensors: Mapping[str, A
     raw = []
     for name, value in tensors.items():
         array = np.asarray(value, order="C")  # unlike ascontiguousarray, keeps 0-d shapes
-        code = NUMPY_TO_SAFETENSORS.get(array.dtype)
+        code = numpy_to_safetensors().get(array.dtype)
         if code is None:
             raise ValueError(
                 f"tensor {name!r} has dtype {array.dtype}; adapters hold float64, float32, "
