@@ -438,3 +438,29 @@ def test_saved_embedding_copy_is_ignored_with_a_warning(tmp_path):
     model.save_pretrained(str(tmp_path / "peft"), save_embedding_layers=True)
     with pytest.warns(UserWarning, match="save_embedding_layers"):
         import_peft(tmp_path / "peft", tmp_path / "a.safetensors")
+
+
+@pytest.mark.parametrize(
+    "config, head, warned",
+    [
+        ({"tie_word_embeddings": True}, False, True),
+        ({}, False, True),  # transformers' default: tied
+        ({}, True, False),  # the head is stored: not tied
+        ({"tie_word_embeddings": False}, False, False),
+    ],
+)
+def test_merging_an_embedding_the_head_is_tied_to_warns(tmp_path, config, head, warned):
+    base = tmp_path / "base"
+    base.mkdir()
+    tensors = {"model.embed.weight": torch.randn(50, 24)}
+    if head:
+        tensors["lm_head.weight"] = torch.randn(50, 24)
+    _save_base(tensors, base / "model.safetensors", torch.float32)
+    (base / "config.json").write_text(json.dumps(config))
+    module = ModuleConfig(d_in=50, d_out=24, stream=0, kind="embedding")
+    adapter = _write(tmp_path / "emb.safetensors", {"model.embed": module})
+    report = asymlora.merge_files(base, adapter, tmp_path / "out")
+    tied = [w for w in report.warnings if "ties the output head to it" in w]
+    assert len(tied) == int(warned), report.warnings
+    if warned:
+        assert "module model.embed is an embedding" in tied[0] and "config.json" in tied[0]

@@ -224,6 +224,24 @@ fn shape_hint(place: &Placement, shape: &[usize]) -> &'static str {
     }
 }
 
+/// Whether the base directory's `config.json` ties the output head to the input
+/// embedding: `tie_word_embeddings: true`, or the key absent (transformers' default is
+/// true) and no `lm_head.weight` stored. An unreadable config is not tied (the merge
+/// does not need it).
+fn head_is_tied(ck: &Checkpoint) -> bool {
+    let config = ck
+        .is_dir
+        .then(|| std::fs::read_to_string(ck.path.join("config.json")).ok())
+        .flatten();
+    let Some(value) = config.and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok()) else {
+        return false;
+    };
+    match value.get("tie_word_embeddings").and_then(serde_json::Value::as_bool) {
+        Some(tied) => tied,
+        None => !ck.tensors.contains_key("lm_head.weight"),
+    }
+}
+
 /// Whether two modules on one base tensor see it as the same blocks of the same shape.
 fn same_blocks(a: &Placement, b: &Placement) -> bool {
     a.blocks() == b.blocks() && a.block_shape() == b.block_shape()
@@ -287,6 +305,15 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
             }
             let coef = sign * ad.input.weight * m.scale;
             modules += 1;
+            if place.kind == ModuleKind::Embedding && head_is_tied(ck) {
+                warnings.push(format!(
+                    "{label}: module {} is an embedding and {} ties the output head to it (tie_word_embeddings): \
+                     the merged checkpoint's head changes with it, while the adapted model's head kept the base \
+                     embedding",
+                    m.module,
+                    ck.path.join("config.json").display()
+                ));
+            }
             for (target, part) in pieces {
                 let info = &ck.tensors[&target].1;
                 let expected = match &part {
