@@ -216,8 +216,8 @@ fn shape_hint(place: &Placement, shape: &[usize]) -> &'static str {
         }
         (ModuleKind::Parameter, false, _) => {
             " (the base stores each block transposed, d_in x d_out, like gpt-oss's experts: the module needs \
-             transposed = true; a PEFT directory does not record is_transposed, so import it with import-peft and \
-             set transposed in the file)"
+             transposed = true; a PEFT directory does not record is_transposed (it is taken from the model type of \
+             the base's config.json where known), so import it with import-peft and set transposed in the file)"
         }
         (ModuleKind::Parameter, true, _) => " (the adapter says transposed, the base stores each block d_out x d_in)",
         _ => "",
@@ -228,18 +228,34 @@ fn shape_hint(place: &Placement, shape: &[usize]) -> &'static str {
 /// embedding: `tie_word_embeddings: true`, or the key absent (transformers' default is
 /// true) and no `lm_head.weight` stored. An unreadable config is not tied (the merge
 /// does not need it).
-fn head_is_tied(ck: &Checkpoint) -> bool {
-    let config = ck
-        .is_dir
-        .then(|| std::fs::read_to_string(ck.path.join("config.json")).ok())
-        .flatten();
-    let Some(value) = config.and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok()) else {
-        return false;
-    };
-    match value.get("tie_word_embeddings").and_then(serde_json::Value::as_bool) {
+fn head_is_tied(ck: &Checkpoint, config: Option<&serde_json::Value>) -> bool {
+    let Some(config) = config else { return false };
+    match config.get("tie_word_embeddings").and_then(serde_json::Value::as_bool) {
         Some(tied) => tied,
         None => !ck.tensors.contains_key("lm_head.weight"),
     }
+}
+
+/// The base directory's `config.json`, when there is one and it parses.
+fn base_config(ck: &Checkpoint) -> Option<serde_json::Value> {
+    if !ck.is_dir {
+        return None;
+    }
+    let text = std::fs::read_to_string(ck.path.join("config.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// transformers model types whose experts module stores each expert's weight
+/// transposed, `[E, d_in, d_out]` (its `is_transposed`, which PEFT's `ParamWrapper`
+/// reads from the model and does not save).
+const TRANSPOSED_EXPERTS: [&str; 3] = ["gpt_oss", "llama4", "llama4_text"];
+
+/// Whether the base's experts are stored transposed (by its `config.json` model type).
+fn experts_transposed(config: Option<&serde_json::Value>) -> bool {
+    let model_type = config
+        .and_then(|c| c.get("model_type"))
+        .and_then(serde_json::Value::as_str);
+    model_type.is_some_and(|t| TRANSPOSED_EXPERTS.contains(&t))
 }
 
 /// Whether two modules on one base tensor see it as the same blocks of the same shape.
@@ -261,10 +277,16 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
     let mut modules = 0;
     let mut warnings = vec![];
     let sign = if opts.subtract { -1.0 } else { 1.0 };
+    let config = base_config(ck);
+    let transposed_experts = experts_transposed(config.as_ref());
     for (i, ad) in adapters.iter().enumerate() {
         warnings.extend(ad.warnings());
         let label = &ad.label;
-        for m in ad.modules(i) {
+        for mut m in ad.modules(i) {
+            if m.b_interleaved && transposed_experts {
+                // a PEFT directory's experts on a base that stores them transposed
+                m.placement.transposed = true;
+            }
             let place = m.placement.clone();
             let place = &place;
             let target = place.base_tensor(&map_name(&m.module, &opts.prefix_map));
@@ -305,7 +327,7 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
             }
             let coef = sign * ad.input.weight * m.scale;
             modules += 1;
-            if place.kind == ModuleKind::Embedding && head_is_tied(ck) {
+            if place.kind == ModuleKind::Embedding && head_is_tied(ck, config.as_ref()) {
                 warnings.push(format!(
                     "{label}: module {} is an embedding and {} ties the output head to it (tie_word_embeddings): \
                      the merged checkpoint's head changes with it, while the adapted model's head kept the base \
