@@ -182,6 +182,21 @@ pub fn signal_name(signal: i32) -> String {
     }
 }
 
+/// A command-line process does one job, so it can choose its allocator's policy: glibc
+/// raises its mmap threshold to each large block freed, after which a merge's per-tensor
+/// buffers (hundreds of KiB to 8 MiB, a different size for each tensor shape) come from
+/// the heap and its resident size grows with the number of tensors (measured: 71 -> 86
+/// MiB for 8x the tensors of the same shapes). Fixed at 1 MiB (which also stops that
+/// dynamic adjustment), it stayed at 70 MiB. The library (`merge_files`) leaves the host
+/// process's allocator alone.
+fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes a tunable of the allocator; no memory is touched.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Runs the command line on `args` (program name first) and returns the exit code.
 /// Errors go to stderr as one line; clap handles `--help` and usage errors.
 /// `extra_help` is appended to `--help` (the Python front end lists the commands it
@@ -202,7 +217,10 @@ where
         .try_get_matches_from(args)
         .and_then(|m| Cli::from_arg_matches(&m));
     let cli = match parsed {
-        Ok(cli) => cli,
+        Ok(cli) => {
+            fix_mmap_threshold();
+            cli
+        }
         Err(e) if !e.use_stderr() || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             // --help and --version (to stdout), and the help for no command at all
             // (to stderr, exit 2): printed whole, as they are.

@@ -227,6 +227,16 @@ impl SafetensorsFile {
         let _ = range;
     }
 
+    /// Drops every mapped page of the file from this process's resident set. Releasing
+    /// each piece after use is not enough on its own: a page fault maps the neighbouring
+    /// pages already in the page cache too (the kernel's fault-around, 64 KiB), so the
+    /// edges of pieces released earlier come back with the next piece read and stay. A
+    /// streaming pass calls this after each tensor or file, so what stays is bounded by
+    /// one tensor, not by the file.
+    pub fn release_all(&self) {
+        self.release(0..self.mmap.len());
+    }
+
     /// Dtype, shape and little-endian bytes of tensor `name`.
     pub fn tensor(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
         let (info, range) = self

@@ -398,6 +398,7 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
                 }
             }
         }
+        ad.file().release_all(); // the pages of the scan above (see release_all)
         for (name, key) in ad.full() {
             let target = map_name(&name, &opts.prefix_map);
             let (src, bytes) = ad.file().tensor(&key)?;

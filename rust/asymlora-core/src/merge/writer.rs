@@ -384,6 +384,11 @@ impl<'a> Ctx<'a> {
                 r0 += n;
             }
         }
+        for t in terms {
+            self.loaded[t.adapter].file().release_all(); // see release_all: fault-around
+        }
+        shard.file.release_all();
+        return_freed_memory();
         let (rows, cols) = (rows * blocks.len(), cols);
         self.check_overflow(stats.nonfinite, name, out, "merging into", counts)?;
         stream.observer.advance(0, 1);
@@ -478,6 +483,20 @@ impl<'a> Ctx<'a> {
 }
 
 // ------------------------------------------------------------------------- files
+
+/// Gives the heap's free memory back to the system after a merged tensor. glibc raises
+/// its mmap threshold to the size of each large block freed, so the next tensor's factors
+/// (hundreds of KiB to a few MiB, another size each time) come from the heap, which then
+/// grows with the number of tensors merged instead of staying at one tensor's worth
+/// (measured: +23 MiB of anonymous memory for 8x the tensors; +15 MiB with this trim,
+/// which the command line removes by fixing the threshold, see `asymlora-cli`).
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the heap; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
