@@ -8,9 +8,9 @@
 //! a one-line error naming the file (or argument) and, for config fields, the field.
 //! Case counts are small (`CASES`) so the whole file runs in a few seconds.
 //!
-//! No fuzzing engine: cargo-fuzz is not installed here (`cargo fuzz` is not a
-//! command; the nightly toolchain is, but cargo-fuzz and libfuzzer-sys would have to
-//! be fetched and built); these proptest strategies cover the same inputs, bounded.
+//! The same readers have libFuzzer targets in `../fuzz` (nightly and cargo-fuzz:
+//! `cargo +nightly fuzz run adapter_file`), outside the workspace and not run in CI;
+//! these bounded proptest strategies run on every `cargo test`.
 
 mod common;
 
