@@ -4,10 +4,12 @@ sys.path[0])."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import statistics
 import sys
+from pathlib import Path
 
 
 def llama_from_config(torch, device, dtype, args, *, max_positions: int, **config):
@@ -69,3 +71,19 @@ def mib(n: float | None, digits: int = 1) -> str:
 
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def add_step_arguments(parser: argparse.ArgumentParser, methods: tuple[str, ...]) -> None:
+    """The options of a training-step benchmark that runs each method in its own worker
+    process: rank, timed and warm-up steps, interleaved rounds, threads, device, methods,
+    ``--quick``, ``--out`` and the hidden ``--worker``."""
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", default=",".join(methods))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from _common import fmt, mib
+from _common import add_step_arguments, fmt, mib
 
 METHODS = ("none", "asymlora-B", "peft-lora")
 DROPOUTS = (0.0, 0.1)
@@ -255,16 +255,7 @@ def _print(summary: list[Case], ratios: list[Case], args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_step_arguments(parser, METHODS)
     args = parser.parse_args()
     if args.quick and not args.worker:
         for key, value in QUICK_RUN.items():

@@ -33,9 +33,8 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
-from _common import current_rss_bytes, fmt, mib, peak_rss_bytes
+from _common import add_step_arguments, current_rss_bytes, fmt, mib, peak_rss_bytes
 
 METHODS = ("none", "asymlora-B", "peft-lora")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -207,16 +206,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_step_arguments(parser, METHODS)
     args = parser.parse_args()
     if args.quick:
         for key, value in {**QUICK, **QUICK_RUN}.items():
