@@ -5,10 +5,14 @@ sys.path[0])."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import resource
 import statistics
+import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -87,3 +91,28 @@ def add_step_arguments(parser: argparse.ArgumentParser, methods: tuple[str, ...]
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def run_worker(script: str, method: str, options: list[str]):
+    """Runs ``script --worker METHOD OPTIONS`` in a fresh process (offline) and returns
+    the JSON of its last output line; stops the benchmark with its output on failure."""
+    argv = [sys.executable, script, "--worker", method, *options]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {method} failed:\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_step_result(args: argparse.Namespace, **fields) -> None:
+    """Writes a step benchmark's results to ``args.out`` (when given): its arguments,
+    ``fields``, the machine and the time."""
+    if not args.out:
+        return
+    result = {
+        "args": vars(args) | {"out": str(args.out)},
+        **fields,
+        "machine": platform.platform(),
+        "when": datetime.now(timezone.utc).isoformat(),
+    }
+    args.out.write_text(json.dumps(result, indent=2))

@@ -30,18 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from _common import add_step_arguments, fmt, mib
+from _common import add_step_arguments, fmt, mib, run_worker, write_step_result
 
 METHODS = ("none", "asymlora-B", "peft-lora")
 DROPOUTS = (0.0, 0.1)
@@ -181,14 +177,8 @@ def _worker(method: str, args) -> list[Case]:
 
 def _run_worker(method: str, args) -> list[Case]:
     keys = ("rank", "steps", "warmup", "threads", "device")
-    argv = [sys.executable, __file__, "--worker", method]
-    argv += [x for k in keys for x in (f"--{k}", str(getattr(args, k)))]
-    argv += ["--quick"] if args.quick else []
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"worker {method} failed:\n{proc.stdout}\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    options = [x for k in keys for x in (f"--{k}", str(getattr(args, k)))]
+    return run_worker(__file__, method, options + (["--quick"] if args.quick else []))
 
 
 def _summary(runs: list[Case]) -> list[Case]:
@@ -271,15 +261,7 @@ def main() -> None:
     summary = _summary(runs)
     ratios = _ratios(summary)
     _print(summary, ratios, args)
-    if args.out:
-        result = {
-            "args": vars(args) | {"out": str(args.out)},
-            "summary": summary,
-            "ratios": ratios,
-            "machine": platform.platform(),
-            "when": datetime.now(timezone.utc).isoformat(),
-        }
-        args.out.write_text(json.dumps(result, indent=2))
+    write_step_result(args, summary=summary, ratios=ratios)
 
 
 if __name__ == "__main__":

@@ -26,15 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
 
-from _common import add_step_arguments, current_rss_bytes, fmt, mib, peak_rss_bytes
+from _common import (
+    add_step_arguments,
+    current_rss_bytes,
+    fmt,
+    mib,
+    peak_rss_bytes,
+    run_worker,
+    write_step_result,
+)
 
 METHODS = ("none", "asymlora-B", "peft-lora")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -139,12 +142,7 @@ def _worker(method: str, args) -> dict:
 
 
 def _run_worker(method: str, args) -> dict:
-    argv = [sys.executable, __file__, "--worker", method, *_forwarded(args)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"worker {method} failed:\n{proc.stdout}\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, method, _forwarded(args))
 
 
 def _forwarded(args) -> list[str]:
@@ -222,14 +220,7 @@ def main() -> None:
         runs += [_run_worker(m, args) for m in order]
     summary = _summary(runs)
     _print(summary, args)
-    if args.out:
-        result = {
-            "args": vars(args) | {"out": str(args.out)},
-            "summary": summary,
-            "machine": platform.platform(),
-            "when": datetime.now(timezone.utc).isoformat(),
-        }
-        args.out.write_text(json.dumps(result, indent=2))
+    write_step_result(args, summary=summary)
 
 
 if __name__ == "__main__":
