@@ -58,8 +58,8 @@ def dtype_name(dtype: object) -> str:
     except TypeError:
         text = str(dtype)
         return text[len("torch.") :] if text.startswith("torch.") else text
-    # numpy names ml_dtypes' bfloat16 "bfloat16", our name: no need to import it here
-    return {"float32": "float32", "float16": "float16"}.get(np_dtype.name, np_dtype.name)
+    # numpy's names are ours (ml_dtypes' bfloat16 is "bfloat16"): no need to import it here
+    return np_dtype.name
 
 
 def from_raw(dtype_code: str, shape: list[int], data: Any) -> np.ndarray:

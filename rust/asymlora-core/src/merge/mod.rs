@@ -287,8 +287,7 @@ fn build_plan(ck: &Checkpoint, adapters: &[Loaded], opts: &MergeOptions) -> Resu
                 // a PEFT directory's experts on a base that stores them transposed
                 m.placement.transposed = true;
             }
-            let place = m.placement.clone();
-            let place = &place;
+            let place = &m.placement;
             let target = place.base_tensor(&map_name(&m.module, &opts.prefix_map));
             let pieces = if ck.tensors.contains_key(&target) {
                 vec![(target, None)]

@@ -350,9 +350,9 @@ impl<'a> Ctx<'a> {
         terms: &[super::TermRef],
         counts: &mut Counts,
     ) -> Result<()> {
-        let place = &terms[0].module.placement; // every term splits the tensor alike (checked in the plan)
-                                                // The blocks (experts) of this tensor: all of the module's, or the one expert
-                                                // whose rows it holds.
+        // Every term splits the tensor alike (checked in the plan). The blocks (experts)
+        // of this tensor: all of the module's, or the one expert whose rows it holds.
+        let place = &terms[0].module.placement;
         let ([rows, cols], blocks) = match &terms[0].part {
             Some(part) => ([part.rows.len(), place.d_in], part.block..part.block + 1),
             None => (place.block_shape(), 0..place.blocks()),
