@@ -310,12 +310,7 @@ class ParamLoraLayer(LoraLayer):
         self.tied_with = None
         shape = tuple(getattr(owner, param_name).shape[-2:])
         self._shape = shape[::-1] if not transposed else shape  # (d_in, d_out)
-        self.dropout: nn.Module = nn.Identity()
-        self._branches = {}
-        self._active = None
-        self._merged = None
-        self._route = None
-        self.add_adapter(
+        self._start_adapters(
             adapter_name,
             lora_A,
             lora_B,
@@ -326,7 +321,6 @@ class ParamLoraLayer(LoraLayer):
             a_regenerated=a_regenerated,
             a_identity=a_identity,
         )
-        self._active = adapter_name
 
     def adapter(self, name: str = DEFAULT_ADAPTER) -> ParamAdapterView:
         self._branch(name)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,12 +108,7 @@ class LoraLayer(nn.Module):
         # Gemma-style embeddings multiply their rows by embed_scale in forward; the
         # branch is scaled alike (as PEFT does), so merging W + delta stays equal.
         self._embed_scale = _embed_scale(base_layer) if base.layer == EMBEDDING else 1.0
-        self.dropout: nn.Module = nn.Identity()
-        self._branches: dict[str, _Branch] = {}
-        self._active: str | None = None
-        self._merged: str | None = None
-        self._route: Route | None = None
-        self.add_adapter(
+        self._start_adapters(
             adapter_name,
             lora_A,
             lora_B,
@@ -125,6 +120,18 @@ class LoraLayer(nn.Module):
             dropout=dropout,
             a_identity=a_identity,
         )
+
+    def _start_adapters(
+        self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, **adapter: Any
+    ) -> None:
+        """The adapter state of a new layer (subclasses too), with its first adapter,
+        active: ``adapter`` are :meth:`add_adapter`'s keyword arguments."""
+        self.dropout: nn.Module = nn.Identity()
+        self._branches: dict[str, _Branch] = {}
+        self._active: str | None = None
+        self._merged: str | None = None
+        self._route: Route | None = None
+        self.add_adapter(adapter_name, lora_A, lora_B, **adapter)
         self._active = adapter_name
 
     # --- the adapters ---------------------------------------------------------------------
